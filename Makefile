@@ -1,0 +1,53 @@
+# One-word commands. Each creates .venv if missing and installs the project into it.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# Real data for tests and the demo: $BLOODCELL_DATA if set, else ../shared/data when it exists.
+BLOODCELL_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export BLOODCELL_DATA
+# torch above 2.14.1 must never be picked; the CUDA build also runs on CPUs.
+TORCH_PIN := "torch>=2.1,<=2.14.1" "torchvision<=0.29.1"
+
+.PHONY: venv demo test sync-check clean-check nbtest pytest export clean app bench
+
+$(VENV)/.installed: settings.ini setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q $(TORCH_PIN) -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null 2>&1 || true
+	touch $@
+
+venv: $(VENV)/.installed
+
+## make demo: the main job end to end (audit, split, presize, show a batch, train, evaluate)
+demo: venv
+	$(BIN)/bloodcell demo --out runs/demo
+
+## make test: library in sync with notebooks, notebooks clean, nbdev_test, pytest
+test: venv sync-check clean-check nbtest pytest
+
+sync-check: venv
+	$(BIN)/nbdev_export
+	@git diff --quiet -- bloodcell_fastai && test -z "$$(git status --porcelain -- bloodcell_fastai)" || \
+	  { git status --short -- bloodcell_fastai; echo "FAIL: bloodcell_fastai/ is out of sync with nbs/: run nbdev_export and commit"; exit 1; }
+
+clean-check: venv
+	$(BIN)/nbdev_clean
+	@git diff --quiet -- nbs || { git diff --stat -- nbs; echo "FAIL: notebooks are not clean: run nbdev_clean and commit"; exit 1; }
+
+nbtest: venv
+	$(BIN)/nbdev_test --n_workers 1 --do_print --timing
+
+pytest: venv
+	$(BIN)/python -m pytest -q tests
+
+export: venv
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+app: venv
+	$(BIN)/bloodcell app
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py

@@ -1,0 +1,43 @@
+"Shared fixtures: real sample images from $BLOODCELL_DATA (../shared/data in CI), a private cache per session."
+import os, shutil
+from pathlib import Path
+import pytest
+
+def _data_root():
+    p = os.environ.get('BLOODCELL_DATA') or str(Path(__file__).resolve().parents[1].parent/'shared'/'data')
+    return Path(p) if Path(p, 'pbc').exists() else None
+
+@pytest.fixture(scope='session', autouse=True)
+def _private_cache(tmp_path_factory):
+    "Each test session presizes into its own cache, so tests never depend on an earlier run."
+    old = os.environ.get('BLOODCELL_CACHE')
+    os.environ['BLOODCELL_CACHE'] = str(tmp_path_factory.mktemp('cache'))
+    yield
+    if old is None: os.environ.pop('BLOODCELL_CACHE', None)
+    else: os.environ['BLOODCELL_CACHE'] = old
+
+@pytest.fixture(scope='session')
+def data_root():
+    r = _data_root()
+    if r is None: pytest.skip('real sample data not found: set BLOODCELL_DATA (see README)')
+    os.environ['BLOODCELL_DATA'] = str(r)
+    return r
+
+@pytest.fixture(scope='session')
+def pbc_root(data_root):
+    from bloodcell_fastai.data import class_root
+    return class_root(data_root/'pbc')
+
+@pytest.fixture(scope='session')
+def pbc_sample(pbc_root):
+    "A few real PBC files per class: {class: [paths]}."
+    return {d.name: sorted(d.glob('*.jpg'))[:12] for d in sorted(pbc_root.iterdir()) if d.is_dir()}
+
+@pytest.fixture
+def pbc_tree(tmp_path, pbc_sample):
+    "A small one-folder-per-class copy of real PBC images (3 classes x 12)."
+    root = tmp_path/'pbc_small'
+    for c in ['basophil','eosinophil','lymphocyte']:
+        (root/c).mkdir(parents=True)
+        for f in pbc_sample[c]: shutil.copy(f, root/c/f.name)
+    return root
