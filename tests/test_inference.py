@@ -1,0 +1,229 @@
+"Prediction from a run folder: safe loading, batched predict with abstention/TTA/temperature, CSV/Excel, ONNX, CLI."
+import json, os, shutil, warnings
+from pathlib import Path
+import numpy as np, pandas as pd
+from PIL import Image
+import pytest
+from fastcore.script import anno_parser
+from bloodcell_fastai.data import DataError, inspect_file, is_hidden, presize
+from bloodcell_fastai.inference import *
+from bloodcell_fastai.inference import ModelFileError
+
+
+def tiny_run(tmp_path_factory):
+    "One tiny real run per test session, shared by the test modules (10 PBC images per class, 64 px, 1 epoch)."
+    from bloodcell_fastai.train import train
+    run = tmp_path_factory.getbasetemp()/'shared_models'/'tiny'
+    rec = run/'record.json'
+    if not (rec.exists() and json.loads(rec.read_text()).get('status')=='done'):
+        train(run, dataset='pbc', sample=10, size=64, bs=16, epochs=1, lr=1e-3, arch='resnet18', num_workers=0,
+              export_pickle=True)
+    return run
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, data_root): return tiny_run(tmp_path_factory)
+
+@pytest.fixture(scope='module')
+def loaded(run): return load_safe(run)
+
+@pytest.fixture(scope='module')
+def images(run):
+    "The run's held-out test images that really are images, with their labels."
+    df = pd.read_csv(run/'split.csv')
+    df = df[(df.split=='test') & df.file.map(lambda f: not is_hidden(Path(Path(f).name)) and inspect_file(f)['status']=='ok')]
+    return df.reset_index(drop=True)
+
+@pytest.fixture
+def inbox(tmp_path, images):
+    "A folder with 4 real images and the usual debris: empty, text, truncated, hidden."
+    d = tmp_path/'inbox'; d.mkdir()
+    for f in images.file[:4]: shutil.copy(f, d/Path(f).name)
+    (d/'empty.jpg').write_bytes(b'')
+    (d/'notes.txt').write_text('slide 12')
+    (d/'truncated.jpg').write_bytes(Path(images.file[0]).read_bytes()[:1500])
+    (d/'.DS_Store').write_bytes(b'\0\0\0\1Bud1')
+    return d
+
+def copy_run(run, dest):
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns('learner.pkl', 'checkpoints', 'model.onnx'))
+    return dest
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+def test_load_safe_rejects_bad_model_files(run, tmp_path):
+    with pytest.raises(ModelFileError, match='model.json not found'): load_safe(tmp_path)
+    bad = copy_run(run, tmp_path/'trunc')
+    (bad/'model.safetensors').write_bytes((run/'model.safetensors').read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match='truncated or not a safetensors file'): load_safe(bad)
+    other = copy_run(run, tmp_path/'other')
+    meta = json.loads((other/'model.json').read_text())
+    (other/'model.json').write_text(json.dumps({**meta, 'format': 99}))
+    with pytest.raises(ModelFileError, match='format 99, this version reads 1'): load_safe(other)
+    (other/'model.json').write_text(json.dumps({'format': 1, 'name': 'someone else'}))
+    with pytest.raises(ModelFileError, match='not written by bloodcell_fastai'): load_safe(other)
+    (other/'model.json').write_text('{"format": 1, "arch"')
+    with pytest.raises(ModelFileError, match='not valid JSON'): load_safe(other)
+    wrong = copy_run(run, tmp_path/'wrong')
+    (wrong/'model.json').write_text(json.dumps({**meta, 'classes': meta['classes'][:3], 'arch_kwargs': {}}))
+    with pytest.raises(ModelFileError, match='does not fit a resnet18 with 3 classes'): load_safe(wrong)
+
+def test_saved_model_readable_by_others(run):
+    assert (run/'model.safetensors').stat().st_mode & 0o044, 'model.safetensors must not be private to its owner'
+
+def test_learner_pickle_needs_trust(run, tmp_path):
+    with pytest.raises(ModelFileError, match='can run arbitrary code'): load_learner_pickle(run)
+    with pytest.warns(UserWarning, match='runs code from the file'): learn = load_learner_pickle(run, trust=True)
+    assert list(learn.dls.vocab) == read_meta(run)['classes']
+    with pytest.raises(ModelFileError, match='learner.pkl not found'): load_learner_pickle(copy_run(run, tmp_path/'r'), trust=True)
+
+
+# --- prediction ---------------------------------------------------------------------------------------------
+
+def test_predict_folder_lists_bad_files(run, inbox):
+    res = predict(run, inbox)
+    names = res.file.map(lambda f: Path(f).name).tolist()
+    assert '.DS_Store' not in names and len(res) == 7 # hidden files are not inputs
+    assert names == sorted(names)
+    err = res.set_index(res.file.map(lambda f: Path(f).name))
+    assert set(err.index[err.status=='error']) == {'empty.jpg', 'notes.txt', 'truncated.jpg'}
+    assert 'is empty (0 bytes)' in err.loc['empty.jpg', 'error']
+    assert 'notes.txt is not an image file' in err.loc['notes.txt', 'error']
+    assert 'truncated' in err.loc['truncated.jpg', 'error']
+    good = res[res.status!='error']
+    assert len(good) == 4 and good.error.eq('').all()
+    assert set(good.status) <= {'ok', REFER}
+    probs = good[[f'prob_{c}' for c in res.attrs['classes']]].values
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(good.probability, probs.max(1), atol=1e-6)
+    assert list(res.columns[:6]) == ['file', 'label', 'probability', 'top3', 'status', 'error']
+
+def test_predict_matches_the_training_evaluation_path(loaded, images):
+    "Decoding in memory gives the probabilities of the presize-cache path that scored the held-out split."
+    model, meta = loaded
+    ref = predict_probs(model, meta, prepare_items(images, meta))
+    got = predict(loaded, images.file.tolist(), bs=5)[[f'prob_{c}' for c in meta['classes']]].values
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+def test_read_cell_is_the_presize_step(loaded, images):
+    _, meta = loaded
+    cached = presize(images[:2], meta['item_size'])
+    for f, png in zip(cached.file, cached.image):
+        assert np.array_equal(np.asarray(read_cell(f, meta)), np.asarray(Image.open(png).convert('RGB')))
+
+def test_abstention_threshold(loaded, images):
+    fs = images.file[:6].tolist()
+    never = predict(loaded, fs, threshold=0.0)
+    always = predict(loaded, fs, threshold=1.01)
+    assert (never.status=='ok').all() and never.label.isin(loaded[1]['classes']).all()
+    assert (always.status==REFER).all() and (always.label==REFER).all()
+    assert (always.top3==never.top3).all() # the expert still sees the model's guesses
+    mid = float(np.median(never.probability))
+    d = predict(loaded, fs, threshold=mid)
+    assert ((d.status=='ok') == (never.probability >= mid)).all()
+
+def test_decide_top_k():
+    d = decide(np.array([[.1,.6,.3],[.5,.1,.4]]), ['a','b','c'], threshold=0.55, k=2)
+    assert d.label.tolist() == ['b', REFER] and d.top2.tolist() == ['b 0.600; c 0.300', 'a 0.500; c 0.400']
+
+def test_temperature_and_tta(loaded, images):
+    fs = images.file[:6].tolist()
+    plain = predict(loaded, fs)
+    hot = predict(loaded, fs, temperature=5.)
+    assert (hot.probability < plain.probability).all() # flatter
+    assert (hot.top3.str.split(' ').str[0] == plain.top3.str.split(' ').str[0]).all() # same ranking
+    model, meta = loaded
+    cal = predict((model, {**meta, 'temperature': 5.}), fs) # the model's stored temperature is used by default
+    np.testing.assert_allclose(cal.probability, hot.probability)
+    t1, t2 = predict(loaded, fs, tta=True), predict(loaded, fs, tta=True, n_workers=0)
+    np.testing.assert_array_equal(t1.probability, t2.probability) # deterministic
+    assert not np.allclose(t1.probability, plain.probability)
+
+def test_image_paths(tmp_path, inbox):
+    with pytest.raises(DataError, match='does not exist'): image_paths(tmp_path/'nowhere')
+    (tmp_path/'void').mkdir()
+    with pytest.raises(DataError, match='holds no files'): image_paths(tmp_path/'void')
+    assert [p.name for p in image_paths(str(inbox/'*.jpg'))] == sorted(p.name for p in inbox.glob('*.jpg'))
+    assert image_paths([inbox/'a.jpg']) == [inbox/'a.jpg']
+
+
+# --- outputs and CLI ----------------------------------------------------------------------------------------
+
+def test_write_predictions(run, inbox, tmp_path):
+    res = predict(run, inbox)
+    csv, xlsx = write_predictions(res, csv=tmp_path/'o'/'p.csv', xlsx=tmp_path/'o'/'p.xlsx')
+    assert pd.read_csv(csv).status.tolist() == res.status.tolist()
+    x = pd.read_excel(xlsx)
+    assert x.file.tolist() == res.file.tolist() and x.error.fillna('').tolist() == res.error.tolist()
+    assert sorted(p.name for p in (tmp_path/'o').iterdir()) == ['p.csv', 'p.xlsx'] # no temporary files left
+    with pytest.raises(DataError, match='must end in .xlsx'): write_predictions(res, xlsx=tmp_path/'p.xls')
+
+def test_cli_predict(run, inbox, tmp_path, capsys):
+    args = vars(anno_parser(bloodcell_predict).parse_args([str(run), str(inbox), '--csv', 'a.csv', '--tta', '--threshold', '0.7']))
+    assert args['tta'] is True and args['threshold'] == 0.7 and args['xlsx'] is None
+    df = bloodcell_predict(str(run), str(inbox), csv=str(tmp_path/'p.csv'), xlsx=str(tmp_path/'p.xlsx'), threshold=0.0)
+    out = capsys.readouterr().out
+    assert '7 file(s): 4 classified, 0 referred to an expert (probability < 0), 3 unreadable' in out
+    assert f"wrote {tmp_path/'p.csv'}" in out and f"wrote {tmp_path/'p.xlsx'}" in out
+    assert pd.read_csv(tmp_path/'p.csv').label.fillna('').tolist() == df.label.tolist()
+    only_bad = tmp_path/'bad'; only_bad.mkdir(); (only_bad/'x.jpg').write_text('no')
+    with pytest.raises(DataError, match='none of the 1 file'): bloodcell_predict(str(run), str(only_bad), csv=str(tmp_path/'b.csv'))
+    assert pd.read_csv(tmp_path/'b.csv').status.tolist() == ['error'] # the table is still written
+    with pytest.raises(ModelFileError, match='not a bloodcell run folder'): bloodcell_predict(str(tmp_path), str(inbox))
+    with pytest.raises(DataError, match='between 0 and 1'): bloodcell_predict(str(run), str(inbox), threshold=50)
+
+
+# --- ONNX and Grad-CAM --------------------------------------------------------------------------------------
+
+def test_onnx_export_and_predictor(run, inbox, tmp_path):
+    import onnx
+    r = copy_run(run, tmp_path/'r')
+    with pytest.raises(ModelFileError, match='export it first'): load_onnx(r)
+    fn = export_onnx(r)
+    assert fn == r/'model.onnx'
+    m = onnx.load(str(fn))
+    assert max(o.version for o in m.opset_import if o.domain in ('', 'ai.onnx')) >= 17
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == 'batch' # dynamic batch
+    ref, got = predict(r, inbox, bs=3), predict(load_onnx(r), inbox, bs=3) # batches of 3 and 1
+    cols = [f'prob_{c}' for c in ref.attrs['classes']]
+    np.testing.assert_allclose(got[cols].fillna(0).values, ref[cols].fillna(0).values, atol=1e-4)
+    assert got.status.tolist() == ref.status.tolist()
+    (r/'model.onnx').write_bytes(fn.read_bytes()[:4000])
+    with pytest.raises(ModelFileError, match='truncated or not an ONNX file'): load_onnx(r)
+
+def test_gradcam(loaded, images):
+    import torch
+    from bloodcell_fastai.models import create_model
+    model, meta = loaded
+    im = read_cell(images.file[0], meta)
+    heat, rgb = gradcam(model, meta, im, target=2)
+    assert heat.shape == rgb.shape[:2] == (meta['size'], meta['size'])
+    assert 0 <= heat.min() and heat.max() <= 1 and heat.max() > 0
+    assert cam_overlay(model, meta, im).size == (meta['size'], meta['size'])
+    vit = create_model('vit_tiny_2blocks', 8, img_size=64)
+    assert gradcam(vit, {**meta, 'arch': 'vit_tiny_2blocks'}, im) is None # no spatial feature map: no CAM
+    assert cam_layer(model) is model.layer4
+
+
+# --- finding models and serving the app ---------------------------------------------------------------------
+
+def test_find_models(run, tmp_path):
+    d = tmp_path/'models'; d.mkdir()
+    assert len(find_models(d)) == 0 and len(find_models(tmp_path/'absent')) == 0
+    copy_run(run, d/'good')
+    copy_run(run, d/'group'/'broken')
+    (d/'group'/'broken'/'model.json').write_text('{}')
+    m = find_models(d).set_index('name')
+    assert pd.isna(m.loc['good', 'error']) and m.loc['good', 'test_accuracy'] == pytest.approx(
+        json.loads((run/'record.json').read_text())['final_metrics']['test']['accuracy']['value'])
+    assert m.loc['good', 'classes'] == read_meta(run)['classes']
+    assert 'has format None, this version reads 1' in m.loc['group/broken', 'error']
+
+def test_voila_command(tmp_path):
+    cmd = voila_command(port=8123, max_upload_mb=20)
+    assert cmd[1].endswith('nbs/app.ipynb') and Path(cmd[1]).exists()
+    assert '--port=8123' in cmd and '--Voila.ip=127.0.0.1' in cmd and '--no-browser' in cmd
+    assert f"--Voila.tornado_settings={{'websocket_max_message_size': {28*2**20}}}" in cmd
+    with pytest.raises(DataError, match='not found'): voila_command(tmp_path/'nope.ipynb')
+    env = app_env(tmp_path/'m', 20)
+    assert env['BLOODCELL_MODELS'] == str((tmp_path/'m').resolve()) and env['BLOODCELL_MAX_UPLOAD_MB'] == '20'
