@@ -9,7 +9,7 @@ export BLOODCELL_DATA
 # torch above 2.14.1 must never be picked; the CUDA build also runs on CPUs.
 TORCH_PIN := "torch>=2.1,<=2.14.1" "torchvision<=0.29.1"
 
-.PHONY: venv demo test sync-check clean-check nbtest pytest export clean app bench
+.PHONY: venv demo test sync-check clean-check nbtest pytest docs-check export clean app bench
 
 $(VENV)/.installed: settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: venv
 	$(BIN)/bloodcell demo --out runs/demo
 
 ## make test: library in sync with notebooks, notebooks clean, nbdev_test, pytest
-test: venv sync-check clean-check nbtest pytest
+test: venv sync-check clean-check nbtest pytest docs-check
 
 sync-check: venv
 	$(BIN)/nbdev_export
@@ -42,6 +42,9 @@ nbtest: venv
 
 pytest: venv
 	$(BIN)/python -m pytest -q tests
+
+docs-check: venv
+	$(BIN)/python tools/check_docs.py
 
 export: venv
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean

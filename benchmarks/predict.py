@@ -54,14 +54,19 @@ def bench_size(size:int, files:list, n_loop:int, bs:int, repeats:int, arch:str, 
             for x in xs: model(x)
     learn.predict(loop_files[0]); predict((model, meta), files[:bs], bs=bs); bare() # warm-up
     # interleaved rounds: a burst of other work on a shared machine hits all three alike; keep each one's best
-    ts = {k:[] for k in ('loop','batch','bare')}
+    ts, cs = {k:[] for k in ('loop','batch','bare')}, {k:[] for k in ('loop','batch','bare')}
     for _ in range(repeats):
         for k,f in (('loop',loop), ('batch',batch), ('bare',bare)):
-            t0 = time.perf_counter(); f(); ts[k].append(time.perf_counter()-t0)
+            t0, c0 = time.perf_counter(), time.process_time(); f()
+            ts[k].append(time.perf_counter()-t0); cs[k].append(time.process_time()-c0)
     t_loop, t_batch, t_bare = (min(ts[k]) for k in ('loop','batch','bare'))
+    c_loop, c_batch, c_bare = (min(cs[k]) for k in ('loop','batch','bare'))
     r = dict(size=size, arch=arch, bs=bs, repeats=repeats, n_images=len(files), n_loop=len(loop_files),
              loop_ips=len(loop_files)/t_loop, batch_ips=len(files)/t_batch, bare_ips=len(files)/t_bare)
-    r.update(batch_vs_loop=r['batch_ips']/r['loop_ips'], batch_vs_bare=r['batch_ips']/r['bare_ips'])
+    r.update(batch_vs_loop=r['batch_ips']/r['loop_ips'], batch_vs_bare=r['batch_ips']/r['bare_ips'],
+             # images per CPU-second (all threads): what each way costs, whatever else the machine is running
+             loop_ipcs=len(loop_files)/c_loop, batch_ipcs=len(files)/c_batch, bare_ipcs=len(files)/c_bare)
+    r.update(cpu_batch_vs_loop=r['batch_ipcs']/r['loop_ipcs'], cpu_batch_vs_bare=r['batch_ipcs']/r['bare_ipcs'])
     return r
 
 def machine()->str:
@@ -76,12 +81,19 @@ def report(rows:list, cmd:str)->str:
            '|---:|---:|---:|---:|---:|---:|']
     tbl += [f"| {r['size']} | {r['loop_ips']:.1f} | {r['batch_ips']:.1f} | {r['bare_ips']:.1f} | "
             f"{r['batch_vs_loop']:.1f}× | {r['batch_vs_bare']:.2f} |" for r in rows]
+    cpu = ['| size (px) | loop img/CPU-s | batch img/CPU-s | bare forward img/CPU-s | batch ÷ loop | batch ÷ bare |',
+           '|---:|---:|---:|---:|---:|---:|']
+    cpu += [f"| {r['size']} | {r['loop_ipcs']:.1f} | {r['batch_ipcs']:.1f} | {r['bare_ipcs']:.1f} | "
+            f"{r['cpu_batch_vs_loop']:.1f}× | {r['cpu_batch_vs_bare']:.2f} |" for r in rows]
     r0 = rows[0]
     return '\n'.join([
         '## Batch prediction (`benchmarks/predict.py`)', '',
         f"Model {r0['arch']}, batch size {r0['bs']}, {r0['n_images']} real PBC JPEGs (360×363) for batch and bare, "
         f"{r0['n_loop']} for the loop; best of {r0['repeats']} interleaved rounds. Machine: {machine()}.", '',
-        'Command:', '', '```', cmd, '```', '', *tbl, '',
+        f"Load average when it finished: {', '.join(f'{x:.1f}' for x in os.getloadavg())}.", '',
+        'Command:', '', '```', cmd, '```', '', 'Wall clock (images per second):', '', *tbl, '',
+        'CPU time (images per CPU-second of this process, all its threads): less sensitive to other work on the machine.', '',
+        *cpu, '',
         '*loop*: `learn.predict(file)` per image on the run\'s `learner.pkl`. *batch*: `inference.predict` from the '
         'JPEG files to the result table (threaded decode and per-file check, the training presize, fastai batch '
         'transforms, forward, abstention). *bare*: the model\'s forward alone on tensors decoded and normalised '

@@ -8,7 +8,7 @@ __all__ = ['ARCHS', 'CNNScratch', 'LeNet5', 'Arch', 'register_arch', 'get_arch',
            'create_model', 'param_groups', 'bloodcell_splitter', 'model_splitter', 'bloodcell_learner', 'count_groups',
            'trainable_groups']
 
-# %% ../nbs/01_models.ipynb #e95cb05a
+# %% ../nbs/01_models.ipynb #d90e4a32
 import sys, re, warnings, difflib, argparse, contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,13 +31,13 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.data.transforms import get_c
 from fastai.vision.core import imagenet_stats
 
-# %% ../nbs/01_models.ipynb #edb6c99e
+# %% ../nbs/01_models.ipynb #ba0d7f53
 def _conv_pool(ni:int, nf:int, bn:bool=True) -> nn.Sequential:
     "3x3 conv (+BatchNorm) + ReLU, then a 2x2 max-pool"
     return nn.Sequential(nn.Conv2d(ni, nf, 3, padding=1, bias=not bn), *([nn.BatchNorm2d(nf)] if bn else []),
                          nn.ReLU(inplace=True), nn.MaxPool2d(2))
 
-# %% ../nbs/01_models.ipynb #d763c03b
+# %% ../nbs/01_models.ipynb #f3543e4b
 class CNNScratch(nn.Sequential):
     "C-NMC's 'CNN from scratch': conv 32→64→128→256, each followed by max-pool, then dense + dropout"
     def __init__(self,
@@ -54,7 +54,7 @@ class CNNScratch(nn.Sequential):
                            nn.ReLU(inplace=True), nn.Dropout(p))
         super().__init__(OrderedDict(**convs, fc=fc, head=nn.Linear(hidden, n_out)))
 
-# %% ../nbs/01_models.ipynb #824c8ef1
+# %% ../nbs/01_models.ipynb #eed57c51
 class LeNet5(nn.Sequential):
     "LeNet-5 for 3-channel images of any size: adaptive pooling feeds the classic 16·5·5 → 120 → 84 head"
     def __init__(self,
@@ -67,7 +67,7 @@ class LeNet5(nn.Sequential):
             fc=nn.Sequential(nn.AdaptiveAvgPool2d(5), nn.Flatten(), nn.Linear(16*5*5, 120), act(), nn.Linear(120, 84), act()),
             head=nn.Linear(84, n_out)))
 
-# %% ../nbs/01_models.ipynb #a89873a6
+# %% ../nbs/01_models.ipynb #bd38033a
 @dataclass
 class Arch:
     "One registry entry: how to build a model and what input it expects"
@@ -82,12 +82,13 @@ class Arch:
 
 ARCHS = {}
 
-def register_arch(arch:Arch) -> Arch:
+def register_arch(arch:Arch, # the entry to add, keyed by `arch.key`
+                 ) -> Arch:
     "Add `arch` to `ARCHS` (replacing an entry with the same key)"
     ARCHS[arch.key] = arch
     return arch
 
-# %% ../nbs/01_models.ipynb #1aaf2b33
+# %% ../nbs/01_models.ipynb #fdb5018e
 for _n in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'): register_arch(Arch(_n, _n, 'cnn'))
 register_arch(Arch('resnet50_chopped', 'resnet50', 'cnn', kwargs=dict(chop_last=True),
                    note="C-NMC: layer4 dropped, head on layer3's 1024 channels"))
@@ -107,13 +108,14 @@ register_arch(Arch('vit_tiny_2blocks', 'vit_tiny_patch16_224', 'vit', fixed_size
 register_arch(Arch('cnn_scratch', None, 'baseline', size=128, builder=CNNScratch, note='C-NMC CNN from scratch'))
 register_arch(Arch('lenet5', None, 'baseline', size=32, builder=LeNet5, note='LeNet-5, any input size'))
 
-# %% ../nbs/01_models.ipynb #19cd1c94
+# %% ../nbs/01_models.ipynb #988c6ba3
 def _family(name:str, cfg) -> str:
     "Guess the family of a timm model outside the registry"
     if 'mixer' in name: return 'mixer'
     return 'vit' if cfg is not None and cfg.fixed_input_size else 'cnn'
 
-def get_arch(arch:str|Arch) -> Arch:
+def get_arch(arch:str|Arch, # a registry key, a timm model name, or an `Arch` (returned as is)
+            ) -> Arch:
     "The registry entry for `arch`: a registry key, a timm name of an entry, or any timm model name"
     if isinstance(arch, Arch): return arch
     if arch in ARCHS: return ARCHS[arch]
@@ -126,14 +128,14 @@ def get_arch(arch:str|Arch) -> Arch:
     close = difflib.get_close_matches(arch, list(ARCHS) + timm.list_models(), n=5)
     raise KeyError(f"Unknown architecture {arch!r}: not a registry key nor a timm model. Did you mean one of {close}?")
 
-# %% ../nbs/01_models.ipynb #55567abc
+# %% ../nbs/01_models.ipynb #6dee847e
 def list_archs() -> pd.DataFrame:
     "The registry as a table: key, timm name, family, size, fixed size, normalisation mean, note"
     rows = [dict(key=a.key, timm_name=a.timm_name or f'{a.builder.__name__} (baseline)', family=a.family, size=a.size,
                  fixed_size=a.fixed_size, mean=tuple(model_stats(a)[0]), note=a.note) for a in ARCHS.values()]
     return pd.DataFrame(rows).set_index('key')
 
-# %% ../nbs/01_models.ipynb #173a34cc
+# %% ../nbs/01_models.ipynb #3fc0d26f
 def model_stats(arch:str|Arch, # registry key or timm name
                 pretrained:bool|str|PathLike=True # accepted for symmetry with `create_model`; stats depend on `arch` only
                ) -> tuple: # `(mean, std)`, lists of 3 floats, for `Normalize.from_stats`
@@ -143,14 +145,14 @@ def model_stats(arch:str|Arch, # registry key or timm name
     if cfg is None or cfg.mean is None: return list(imagenet_stats[0]), list(imagenet_stats[1])
     return list(cfg.mean), list(cfg.std)
 
-# %% ../nbs/01_models.ipynb #8ceb5201
+# %% ../nbs/01_models.ipynb #be7452ee
 class WeightsUnavailableError(RuntimeError):
     "timm's pretrained weights for a model could not be fetched (typically: this machine is offline)"
 
 class CheckpointError(ValueError):
     "A local checkpoint that cannot be read or does not fit the model"
 
-# %% ../nbs/01_models.ipynb #db399254
+# %% ../nbs/01_models.ipynb #55081b05
 def _unwrap(obj):
     "The state_dict inside a checkpoint object: timm EMA/`state_dict`, fastai/`model` wrappers, DDP/compile prefixes"
     if isinstance(obj, dict):
@@ -179,7 +181,7 @@ def read_state_dict(path:str|PathLike # a `.pth/.pt/.bin` checkpoint or a `.safe
         raise CheckpointError(f"{path} does not hold a state_dict (a non-empty dict of tensors)")
     return sd
 
-# %% ../nbs/01_models.ipynb #eb6faa33
+# %% ../nbs/01_models.ipynb #d822a3a4
 def _classifier_names(model:nn.Module) -> tuple:
     "Module names of `model`'s classifier: timm's `pretrained_cfg['classifier']`, else the last `nn.Linear`"
     c = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
@@ -191,7 +193,7 @@ def _under(k:str, prefixes) -> bool: return any(k == p or k.startswith(p + '.') 
 
 def _show(keys, n=5) -> str: return ', '.join(keys[:n]) + (f' ... (+{len(keys)-n} more)' if len(keys) > n else '')
 
-# %% ../nbs/01_models.ipynb #be52ff5a
+# %% ../nbs/01_models.ipynb #74a56650
 def load_checkpoint(model:nn.Module, # the freshly created model
                     path:str|PathLike, # local checkpoint (`.pth/.pt/.bin/.safetensors`)
                     strict:bool=True, # missing/unexpected keys (other than a re-initialised head) raise; `False`: warn
@@ -228,7 +230,7 @@ def load_checkpoint(model:nn.Module, # the freshly created model
     return dict(source=str(Path(path).expanduser().resolve()), loaded=len(loaded), reinitialised=reinit,
                 missing=missing, unexpected=unexpected, ignored=ignored)
 
-# %% ../nbs/01_models.ipynb #02e4938b
+# %% ../nbs/01_models.ipynb #faf112c1
 def chop_resnet(model:nn.Module, # a timm `ResNet`
                 n_out:int # outputs of the new head
                ) -> nn.Module:
@@ -241,7 +243,7 @@ def chop_resnet(model:nn.Module, # a timm `ResNet`
     model.reset_classifier(n_out)
     return model
 
-# %% ../nbs/01_models.ipynb #40e89e6a
+# %% ../nbs/01_models.ipynb #3221553a
 def _hub_source(cfg) -> str:
     "Where timm fetches the weights described by `cfg` (a Hugging Face URL or a plain URL), '' if none"
     if cfg is None: return ''
@@ -265,7 +267,7 @@ def _timm_pretrained(a:Arch, n_out:int, kw:dict) -> tuple:
             f"(timm caches the weights), or download the checkpoint from {src} on another machine, copy it here and "
             f"pass its path: create_model({a.key!r}, n_out, pretrained='path/to/model.safetensors').") from e
 
-# %% ../nbs/01_models.ipynb #346283b0
+# %% ../nbs/01_models.ipynb #198a7a8d
 def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm model name
                  n_out:int, # number of outputs (classes)
                  pretrained:bool|str|PathLike=False, # `True`: timm's ImageNet weights; `False`: random; a path: local checkpoint
@@ -299,7 +301,7 @@ def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm mo
     model.arch_kwargs = dict(n_out=n_out, img_size=img_size, chop_last=chop, **kwargs)
     return model
 
-# %% ../nbs/01_models.ipynb #b2cf87e7
+# %% ../nbs/01_models.ipynb #8c4448e4
 def _group_name(names:list) -> str:
     "A readable group name: the common module prefix up to its first index (`layer1`, `blocks.3`), else the modules joined"
     pre = []
@@ -345,8 +347,9 @@ def _child_groups(model:nn.Module) -> dict:
     for n, _ in model.named_parameters(): groups.setdefault(n.split('.')[0], []).append(n)
     return groups
 
-# %% ../nbs/01_models.ipynb #fb44c2d5
-def param_groups(model:nn.Module) -> dict:
+# %% ../nbs/01_models.ipynb #9d2d493d
+def param_groups(model:nn.Module, # a model built by `create_model` (timm, VGG or a baseline)
+                ) -> dict:
     "`{group name: [parameter names]}` from stem to head; every parameter in exactly one group"
     if isinstance(model, timm.models.vgg.VGG): groups = _vgg_groups(model)
     elif hasattr(model, 'group_matcher'): groups = _timm_groups(model)
@@ -356,17 +359,19 @@ def param_groups(model:nn.Module) -> dict:
         raise RuntimeError(f"param_groups({type(model).__name__}) is not a partition of the parameters")
     return groups
 
-def bloodcell_splitter(model:nn.Module) -> list:
+def bloodcell_splitter(model:nn.Module, # the learner's model
+                      ) -> list:
     "fastai splitter: the parameters of `param_groups(model)`, one list per group, head last"
     ps = dict(model.named_parameters())
     return [[ps[n] for n in g] for g in param_groups(model).values()]
 
-def model_splitter(arch:str|Arch=None) -> Callable:
+def model_splitter(arch:str|Arch=None, # checked against the registry if given; the splitter is the same for all
+                  ) -> Callable:
     "The splitter for `arch`; the grouping is read off the model, so one picklable function serves every entry"
     if arch is not None: get_arch(arch)  # fail early on unknown names
     return bloodcell_splitter
 
-# %% ../nbs/01_models.ipynb #a3b496b4
+# %% ../nbs/01_models.ipynb #5e90364f
 @delegates(Learner.__init__, but=['splitter'])
 def bloodcell_learner(dls, # `DataLoaders`, normalised with `model_stats(arch)`
                       arch:str|Arch, # registry key or timm name
@@ -390,12 +395,14 @@ def bloodcell_learner(dls, # `DataLoaders`, normalised with `model_stats(arch)`
     if model.pretrained_source is not None: learn.freeze()
     return learn
 
-# %% ../nbs/01_models.ipynb #16731fab
-def count_groups(learn:Learner) -> int:
+# %% ../nbs/01_models.ipynb #970f2c75
+def count_groups(learn:Learner, # a learner with a splitter
+                ) -> int:
     "Number of parameter groups the learner's splitter makes"
     return len(learn.splitter(learn.model))
 
-def trainable_groups(learn:Learner) -> list:
+def trainable_groups(learn:Learner, # a learner with a splitter
+                    ) -> list:
     "Per group: is it trained? (all its parameters require grad, except norm layers fastai keeps trainable with `train_bn`)"
     forced = {id(p) for p in norm_bias_params(learn.model, with_bias=False)} if learn.train_bn else set()
     res = []

@@ -1,5 +1,5 @@
 "Prediction from a run folder: safe loading, batched predict with abstention/TTA/temperature, CSV/Excel, ONNX, CLI."
-import json, os, shutil, warnings
+import json, os, shutil, sys, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
@@ -191,18 +191,23 @@ def test_onnx_export_and_predictor(run, inbox, tmp_path):
     (r/'model.onnx').write_bytes(fn.read_bytes()[:4000])
     with pytest.raises(ModelFileError, match='truncated or not an ONNX file'): load_onnx(r)
 
-def test_gradcam(loaded, images):
-    import torch
-    from bloodcell_fastai.models import create_model
+def test_gradcam(loaded, images, monkeypatch):
+    import sys
     model, meta = loaded
     im = read_cell(images.file[0], meta)
-    heat, rgb = gradcam(model, meta, im, target=2)
-    assert heat.shape == rgb.shape[:2] == (meta['size'], meta['size'])
-    assert 0 <= heat.min() and heat.max() <= 1 and heat.max() > 0
-    assert cam_overlay(model, meta, im).size == (meta['size'], meta['size'])
-    vit = create_model('vit_tiny_2blocks', 8, img_size=64)
-    assert gradcam(vit, {**meta, 'arch': 'vit_tiny_2blocks'}, im) is None # no spatial feature map: no CAM
+    def check(r):
+        heat, rgb = r
+        assert heat.shape == rgb.shape[:2] == (meta['size'], meta['size'])
+        assert 0 <= heat.min() and heat.max() <= 1 and heat.max() > 0 and 0 <= rgb.min() and rgb.max() <= 1
+    check(gradcam(model, meta, im, target=2)) # through interpret.class_cams when it exists
+    assert gradcam_overlay(model, meta, im).size == (meta['size'], meta['size'])
     assert cam_layer(model) is model.layer4
+    monkeypatch.setitem(sys.modules, 'bloodcell_fastai.interpret', None) # without the interpretation module
+    check(gradcam(model, meta, im, target=2))
+    from bloodcell_fastai.models import create_model
+    vit = create_model('vit_tiny_2blocks', 8, img_size=64)
+    assert gradcam(vit, {**meta, 'arch': 'vit_tiny_2blocks'}, im) is None # the fallback only does CNNs
+    assert gradcam(OnnxModel.__new__(OnnxModel), meta, im) is None
 
 
 # --- finding models and serving the app ---------------------------------------------------------------------
@@ -227,3 +232,5 @@ def test_voila_command(tmp_path):
     with pytest.raises(DataError, match='not found'): voila_command(tmp_path/'nope.ipynb')
     env = app_env(tmp_path/'m', 20)
     assert env['BLOODCELL_MODELS'] == str((tmp_path/'m').resolve()) and env['BLOODCELL_MAX_UPLOAD_MB'] == '20'
+    spec = json.loads((Path(env['JUPYTER_PATH'].split(os.pathsep)[0])/'kernels'/'python3'/'kernel.json').read_text())
+    assert spec['argv'][0] == sys.executable # the app's kernel is this interpreter, whatever kernelspec is installed
