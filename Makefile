@@ -9,7 +9,7 @@ export BLOODCELL_DATA
 # torch above 2.14.1 must never be picked; the CUDA build also runs on CPUs.
 TORCH_PIN := "torch>=2.1,<=2.14.1" "torchvision<=0.29.1"
 
-.PHONY: venv demo test sync-check clean-check nbtest pytest docs-check export clean app bench
+.PHONY: venv browser demo test sync-check clean-check nbtest pytest docs-check export clean app bench
 
 $(VENV)/.installed: settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +26,11 @@ demo: venv
 	$(BIN)/bloodcell demo --out runs/demo
 
 ## make test: library in sync with notebooks, notebooks clean, nbdev_test, pytest
-test: venv sync-check clean-check nbtest pytest docs-check
+test: venv browser sync-check clean-check nbtest pytest docs-check
+
+## Debian's chromium for the app's browser test (installed only when missing; never `playwright install`)
+browser:
+	sh tools/ensure_chromium.sh
 
 sync-check: venv
 	$(BIN)/nbdev_export
@@ -50,7 +54,7 @@ export: venv
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
 
 app: venv
-	$(BIN)/bloodcell app
+	$(BIN)/bloodcell app --models $(or $(MODELS),models)
 
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
