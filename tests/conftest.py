@@ -1,5 +1,5 @@
 "Shared fixtures: real sample images from $BLOODCELL_DATA (../shared/data in CI), a private cache per session."
-import os, shutil
+import os, shutil, json
 from pathlib import Path
 import pytest
 
@@ -41,3 +41,14 @@ def pbc_tree(tmp_path, pbc_sample):
         (root/c).mkdir(parents=True)
         for f in pbc_sample[c]: shutil.copy(f, root/c/f.name)
     return root
+
+
+def tiny_run(tmp_path_factory):
+    "One tiny real run per test session, shared by the test modules (10 PBC images per class, 64 px, 1 epoch)."
+    from bloodcell_fastai.train import train
+    run = tmp_path_factory.getbasetemp()/'shared_models'/'tiny'
+    rec = run/'record.json'
+    if not (rec.exists() and json.loads(rec.read_text()).get('status')=='done'):
+        train(run, dataset='pbc', sample=10, size=64, bs=16, epochs=1, lr=1e-3, arch='resnet18', num_workers=0,
+              export_pickle=True)
+    return run

@@ -3,6 +3,7 @@ import base64, io, json, os, re, signal, socket, subprocess, time
 from pathlib import Path
 import pandas as pd
 import pytest
+from conftest import tiny_run
 
 CHROMIUM = os.environ.get('BLOODCELL_CHROMIUM', '/usr/bin/chromium')
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking']
@@ -14,16 +15,6 @@ pytest.importorskip('voila', reason='voila is not installed')
 if not Path(CHROMIUM).exists():
     pytest.skip(f'{CHROMIUM} not found: install Debian chromium (sudo tools/ensure_chromium.sh)', allow_module_level=True)
 
-
-def tiny_run(tmp_path_factory):
-    "One tiny real run per test session, shared by the test modules (10 PBC images per class, 64 px, 1 epoch)."
-    from bloodcell_fastai.train import train
-    run = tmp_path_factory.getbasetemp()/'shared_models'/'tiny'
-    rec = run/'record.json'
-    if not (rec.exists() and json.loads(rec.read_text()).get('status')=='done'):
-        train(run, dataset='pbc', sample=10, size=64, bs=16, epochs=1, lr=1e-3, arch='resnet18', num_workers=0,
-              export_pickle=True)
-    return run
 
 def free_port()->int:
     with socket.socket() as s:

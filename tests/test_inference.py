@@ -8,17 +8,8 @@ from fastcore.script import anno_parser
 from bloodcell_fastai.data import DataError, inspect_file, is_hidden, presize
 from bloodcell_fastai.inference import *
 from bloodcell_fastai.inference import ModelFileError
+from conftest import tiny_run
 
-
-def tiny_run(tmp_path_factory):
-    "One tiny real run per test session, shared by the test modules (10 PBC images per class, 64 px, 1 epoch)."
-    from bloodcell_fastai.train import train
-    run = tmp_path_factory.getbasetemp()/'shared_models'/'tiny'
-    rec = run/'record.json'
-    if not (rec.exists() and json.loads(rec.read_text()).get('status')=='done'):
-        train(run, dataset='pbc', sample=10, size=64, bs=16, epochs=1, lr=1e-3, arch='resnet18', num_workers=0,
-              export_pickle=True)
-    return run
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory, data_root): return tiny_run(tmp_path_factory)
