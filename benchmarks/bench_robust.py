@@ -7,9 +7,9 @@
     # with the ablations (crop only, augmentation only)
     ... --variants baseline,crop,aug,robust
 
-Trains each variant with `bloodcell_fastai.robust.robust_train` (= `train.train`, same seed, split, recipe, epochs and
-learning rate; the variants differ only in the cell-centred crop and the other-lab augmentation), calibrates the
-OOD flag on the validation split, makes shifted copies of the held-out test images (zoom, stain, blur, jpeg,
+Trains each variant with `bloodcell_fastai.train.train` (what `bloodcell train` runs: same seed, split, recipe,
+epochs and learning rate; the variants differ only in `cell_crop` and `robust_aug`, i.e. `--cell-crop 0.5` and
+`--robust-aug`), which also calibrates the OOD flag on the validation split, makes shifted copies of the held-out test images (zoom, stain, blur, jpeg,
 downscale) and prints markdown tables: accuracy per shift and as a share of the clean accuracy, the in-domain test
 accuracy with its 95% CI, and the OOD flag on PBC test, C-NMC and ALL-IDB2 images. Results also go to OUT/results.json.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1])) # this checkout's package, not an installed copy
 import numpy as np, pandas as pd
 from bloodcell_fastai.data import data_root, load_split, presize_for
-from bloodcell_fastai.robust import robust_train, make_shifts, shift_accuracy, ood_auroc, SHIFTS, CELL_RATIO
+from bloodcell_fastai.train import train
+from bloodcell_fastai.robust import make_shifts, shift_accuracy, ood_auroc, SHIFTS, CELL_RATIO
 
 VARIANTS = dict(baseline=dict(cell_crop=None, robust_aug=False), crop=dict(cell_crop=CELL_RATIO, robust_aug=False),
                 aug=dict(cell_crop=None, robust_aug=True), robust=dict(cell_crop=CELL_RATIO, robust_aug=True))
@@ -51,7 +52,7 @@ def main():
     runs, recs = {}, {}
     for v in variants:
         t = time.time()
-        runs[v] = robust_train(out/v, **VARIANTS[v], **cfg)
+        runs[v] = Path(train(out/v, **VARIANTS[v], **cfg))
         recs[v] = json.loads((runs[v]/'record.json').read_text())
         print(f"trained {v} in {time.time()-t:.0f} s -> {runs[v]}", file=sys.stderr)
     md5s = {recs[v]['split_csv_md5'] for v in variants}
@@ -93,8 +94,8 @@ def main():
 
 def _flagged(run, files)->float:
     "Share of `files` the run's OOD flag marks as unlike the training data."
-    from bloodcell_fastai.robust import predict_robust
-    return float(predict_robust(run, [str(f) for f in files]).ood.astype(float).mean())
+    from bloodcell_fastai.inference import predict
+    return float(predict(run, [str(f) for f in files]).ood.astype(float).mean())
 
 
 if __name__ == '__main__': main()

@@ -47,7 +47,7 @@ def bench_size(size:int, files:list, n_loop:int, bs:int, repeats:int, arch:str, 
     # batch: the project's predict, from the JPEG files to the result table
     def batch(): predict((model, meta), files, bs=bs)
     # bare: the forward alone on pre-decoded, pre-normalised tensors
-    ims, _ = read_cells(files, meta)
+    ims, *_ = read_cells(files, meta)
     xs = [cell_batch(ims[i:i+bs], meta).as_subclass(torch.Tensor) for i in range(0, len(ims), bs)]
     def bare():
         with torch.inference_mode():

@@ -22,10 +22,10 @@ from .models import create_model, get_arch
 # %% auto #0
 __all__ = ['MODEL_FORMAT', 'REQUIRED_META', 'REFER', 'DEFAULT_THRESHOLD', 'ONNX_OPSET', 'ModelFileError', 'save_safe',
            'read_meta', 'load_safe', 'load_learner_pickle', 'infer_dl', 'prepare_items', 'predict_probs', 'image_paths',
-           'read_cell', 'read_cells', 'batch_pipe', 'cell_batch', 'predict_cells', 'decide', 'predict',
-           'predictions_bytes', 'write_predictions', 'summarise', 'export_onnx', 'OnnxModel', 'load_onnx', 'cam_layer',
-           'gradcam', 'gradcam_overlay', 'models_folder', 'find_models', 'bloodcell_predict', 'app_notebook',
-           'voila_command', 'app_kernel_path', 'app_env', 'bloodcell_app']
+           'read_cell_found', 'read_cell', 'read_cells', 'batch_pipe', 'cell_batch', 'predict_cells', 'decide',
+           'predict', 'predictions_bytes', 'write_predictions', 'summarise', 'export_onnx', 'OnnxModel', 'load_onnx',
+           'cam_layer', 'gradcam', 'gradcam_overlay', 'models_folder', 'find_models', 'bloodcell_predict',
+           'app_notebook', 'voila_command', 'app_kernel_path', 'app_env', 'bloodcell_app']
 
 # %% ../nbs/05_inference.ipynb #c4225b88
 MODEL_FORMAT = 1 # version of the model.json layout
@@ -176,36 +176,42 @@ def image_paths(images, # an image file, a folder (all visible files below it), 
     raise DataError(f"{images} does not exist: give an image file, a folder of images or a glob pattern")
 
 # %% ../nbs/05_inference.ipynb #af8cff72
-def read_cell(fn:Path, # image file
-              meta:dict, # the model's meta (item_size, preprocess)
-             )->PILImage:
-    "Decode one file and preprocess it exactly like training's presize: RGB, border crop/padding, fit to `item_size`."
+def read_cell_found(fn:Path, # image file
+                    meta:dict, # the model's meta (item_size, preprocess)
+                   )->tuple:
+    "`(image, cell_found)`: the file preprocessed like training's presize; `cell_found` is `None` unless the model crops cells."
     fn = Path(fn)
     if not fn.exists(): raise DataError(f"{fn} does not exist: check the path")
     if fn.is_dir(): raise DataError(f"{fn} is a folder, not an image file: give the folder itself as IMAGES")
-    pre = meta.get('preprocess') or {}
-    if pre.get('cell_crop'): # the cell-centred crop of 07_robust, exactly as in its presize
-        from bloodcell_fastai.robust import read_cell_robust
-        return read_cell_robust(fn, meta)[0]
-    im = load_rgb(fn)
+    im, pre, found = load_rgb(fn), meta.get('preprocess') or {}, None
     if pre.get('crop_border'): im = crop_black_border(im)
+    ratio = (pre.get('cell_crop') or {}).get('ratio')
+    if ratio: # the cell-centred crop of 07_robust, exactly as in its presize
+        from bloodcell_fastai.robust import cell_crop
+        im, box = cell_crop(im, float(ratio)); found = box is not None
     if pre.get('pad'): im = pad_square(im)
     s = meta.get('item_size') or presize_for(meta['size'])
-    return PILImage(ImageOps.fit(im, (s,s), method=Image.Resampling.LANCZOS))
+    return PILImage(ImageOps.fit(im, (s,s), method=Image.Resampling.LANCZOS)), found
+
+def read_cell(fn:Path, # image file
+              meta:dict, # the model's meta (item_size, preprocess)
+             )->PILImage:
+    "Decode one file and preprocess it exactly like training's presize: RGB, border crop, cell crop, padding, fit to `item_size`."
+    return read_cell_found(fn, meta)[0]
 
 def _read_one(fn, meta):
-    try: return read_cell(fn, meta), None
-    except DataError as e: return None, str(e)
-    except Exception as e: return None, f"{fn} cannot be read ({type(e).__name__}: {e}): replace or remove it"
+    try: return *read_cell_found(fn, meta), None
+    except DataError as e: return None, None, str(e)
+    except Exception as e: return None, None, f"{fn} cannot be read ({type(e).__name__}: {e}): replace or remove it"
 
 def read_cells(files:list, # image files
                meta:dict, # the model's meta
                n_workers:int=None, # decoding threads; default all cores
               )->tuple:
-    "Decode and preprocess files in threads: `(images, errors)`, with `None` image and a one-line error for bad files."
+    "Decode and preprocess files in threads: `(images, errors, cell_found)`, with `None` image and a one-line error for bad files."
     n_workers = defaults.cpus if n_workers is None else n_workers
     res = list(parallel(_read_one, files, meta=meta, n_workers=n_workers, threadpool=True, progress=False))
-    return [r[0] for r in res], [r[1] for r in res]
+    return [r[0] for r in res], [r[2] for r in res], [r[1] for r in res]
 
 # %% ../nbs/05_inference.ipynb #764110b4
 @lru_cache(maxsize=16)
@@ -247,20 +253,29 @@ def predict_cells(model, # torch module in eval mode, or an `OnnxModel`
                   temperature:float=None, # divide logits by this; default meta's temperature (1 if none)
                   n_tta:int=0, # augmented passes averaged with the plain one (0: no TTA)
                   seed:int=0, # seed of the TTA augmentations
-                 )->np.ndarray:
-    "Calibrated class probabilities `(n, c)` of preprocessed images, in batches, optionally with TTA."
+                  ood:dict=None, # an `ood` entry of model.json: also return the OOD scores of the plain pass
+                 ):
+    "Calibrated class probabilities `(n, c)` of preprocessed images, in batches, optionally with TTA; with `ood`, `(probs, ood_scores)`."
     t = float(temperature or meta.get('temperature') or 1.0)
     dev = _model_device(model)
-    def _probs(xb):
-        return torch.softmax(torch.as_tensor(model(xb.as_subclass(torch.Tensor))).float()/t, dim=1).cpu()
-    out = []
+    def _logits(xb): return torch.as_tensor(model(xb.as_subclass(torch.Tensor))).float().cpu()
+    def _probs(z): return torch.softmax(z/t, dim=1)
+    if ood: from bloodcell_fastai.robust import capture_features, ood_scores, FEATURE_SCORES
+    out, raw, feats = [], [], []
     with torch.inference_mode(), _seeded(seed):
         for i in range(0, len(ims), bs):
             b = ims[i:i+bs]
-            p = _probs(cell_batch(b, meta, device=dev))
-            if n_tta: p = (p + sum(_probs(cell_batch(b, meta, tta=True, device=dev)) for _ in range(n_tta)))/(1+n_tta)
+            if ood: # the features of the plain pass only, for the out-of-distribution score (07_robust)
+                with capture_features(model, ood['score'] in FEATURE_SCORES) as f: z = _logits(cell_batch(b, meta, device=dev))
+                raw.append(z); feats += f
+            else: z = _logits(cell_batch(b, meta, device=dev))
+            p = _probs(z)
+            if n_tta: p = (p + sum(_probs(_logits(cell_batch(b, meta, tta=True, device=dev))) for _ in range(n_tta)))/(1+n_tta)
             out.append(p)
-    return torch.cat(out).numpy() if out else np.zeros((0, len(meta['classes'])), np.float32)
+    probs = torch.cat(out).numpy() if out else np.zeros((0, len(meta['classes'])), np.float32)
+    if not ood: return probs
+    if not out: return probs, np.zeros(0)
+    return probs, ood_scores(torch.cat(raw).numpy(), ood['score'], torch.cat(feats).numpy() if feats else None, ood)
 
 # %% ../nbs/05_inference.ipynb #86048048
 REFER = 'refer to expert'
@@ -300,22 +315,32 @@ def predict(run, # run folder, or a `(model, meta)` pair from `load_safe` / `loa
             temperature:float=None, # override the model's temperature
             n_workers:int=None, # decoding threads; default all cores
            )->pd.DataFrame:
-    "Classify image files in batches: one row per file with label, probability, top-k, status (`ok`, `refer to expert`, `error`)."
+    "Classify image files in batches: one row per file with label, probability, top-k, status, and `cell_found` / `ood` when the model has them."
     model, meta = _as_model(run)
-    if meta.get('ood') and not tta and temperature is None: # adds the out-of-distribution flag and 'no cell found' (07_robust)
-        from bloodcell_fastai.robust import predict_robust
-        df = predict_robust((model, meta), images, bs=bs, threshold=threshold, k=k, n_workers=n_workers)
-        df.attrs.update(classes=list(meta['classes']), tta=False, k=k)
-        return df
     files = image_paths(images)
     threshold = float(threshold if threshold is not None else meta.get('threshold', DEFAULT_THRESHOLD))
+    ood, crop = meta.get('ood'), bool((meta.get('preprocess') or {}).get('cell_crop'))
+    if ood:
+        from bloodcell_fastai.robust import FEATURE_SCORES, OOD_STATUS, NO_CELL_STATUS, ood_summary
+        if ood['score'] in FEATURE_SCORES and not isinstance(model, torch.nn.Module):
+            warnings.warn(f"OOD score {ood['score']!r} needs the torch model's features: no OOD flag with {type(model).__name__}")
+            ood = None
+    if crop and not ood: from bloodcell_fastai.robust import NO_CELL_STATUS
     classes, chunk, parts = list(meta['classes']), max(bs*4, 64), []
     for i in range(0, len(files), chunk):
         fs = files[i:i+chunk]
-        ims, errs = read_cells(fs, meta, n_workers=n_workers)
+        ims, errs, found = read_cells(fs, meta, n_workers=n_workers)
         good = [j for j,im in enumerate(ims) if im is not None]
-        res = decide(predict_cells(model, meta, [ims[j] for j in good], bs=bs, temperature=temperature,
-                                   n_tta=n_tta if tta else 0), classes, threshold, k)
+        out = predict_cells(model, meta, [ims[j] for j in good], bs=bs, temperature=temperature,
+                            n_tta=n_tta if tta else 0, ood=ood)
+        res = decide(out[0] if ood else out, classes, threshold, k)
+        if crop:
+            res['cell_found'] = [found[j] for j in good]
+            res['status'] = np.where(res.cell_found.eq(False), NO_CELL_STATUS, res.status)
+        if ood:
+            res['ood_score'] = out[1].round(4)
+            res['ood'] = res.ood_score > ood['threshold']
+            res['status'] = np.where(res.ood, OOD_STATUS, res.status)
         res.index = good
         bad = pd.DataFrame({'label':'', 'status':'error', 'error':[errs[j] for j in range(len(fs)) if ims[j] is None]},
                            index=[j for j in range(len(fs)) if ims[j] is None])
@@ -323,7 +348,7 @@ def predict(run, # run folder, or a `(model, meta)` pair from `load_safe` / `loa
         parts.append(part.reindex(columns=res.columns).assign(file=[str(f) for f in fs]))
     df = pd.concat(parts, ignore_index=True) if parts else decide(np.zeros((0,len(classes))), classes, threshold, k).assign(file=[])
     df = df[['file', *[c for c in df.columns if c!='file']]]
-    df.attrs.update(classes=classes, threshold=threshold, tta=bool(tta), k=k)
+    df.attrs.update(classes=classes, threshold=threshold, tta=bool(tta), k=k, **({'ood': ood_summary(ood)} if ood else {}))
     return df
 
 # %% ../nbs/05_inference.ipynb #b09bdc3b

@@ -19,18 +19,15 @@ from fastcore.parallel import parallel
 from fastai.vision.all import RandTransform, TensorImage, PILImage, defaults
 from .data import (DataError, load_rgb, crop_black_border, pad_square, cache_dir, presize, presize_for,
                                    cell_dataloaders, atomic_write, load_split)
-from .inference import (load_safe, infer_dl, cell_batch, decide, image_paths, REFER, DEFAULT_THRESHOLD,
-                                        read_meta, _as_model, _model_device)
+from .inference import load_safe, infer_dl, cell_batch, prepare_items, _model_device
 
 # %% auto #0
-__all__ = ['CELL_RATIO', 'CELL_CROP_VERSION', 'ROBUST_AUG_CFG', 'LOGIT_SCORES', 'FEATURE_SCORES', 'OOD_SCORES', 'OOD_STATUS',
-           'NO_CELL_STATUS', 'SHIFTS', 'stain_mask', 'square_around', 'border_colour', 'crop_padded', 'find_cell',
-           'cell_crop', 'show_cell_crops', 'cached_cell_box', 'presize_cells', 'cell_crop_ratio', 'prepare_robust',
-           'read_cell_robust', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitter', 'RandomBlur', 'RandomJPEG', 'RandomDownscale',
-           'RandomScale', 'typical_cover', 'robust_tfms', 'add_tfms', 'robust_dataloaders', 'robust_dl_kwargs',
-           'robust_hooks', 'robust_train', 'evaluate_robust', 'capture_features', 'model_outputs', 'ood_stats',
-           'ood_scores', 'calibrate_ood', 'score_items', 'ood_summary', 'predict_robust', 'shift_image', 'make_shifts',
-           'shift_accuracy', 'ood_auroc']
+__all__ = ['CELL_RATIO', 'CELL_CROP_VERSION', 'CROP_COVER', 'ROBUST_AUG_CFG', 'LOGIT_SCORES', 'FEATURE_SCORES', 'OOD_SCORES',
+           'OOD_STATUS', 'NO_CELL_STATUS', 'SHIFTS', 'stain_mask', 'square_around', 'border_colour', 'crop_padded',
+           'find_cell', 'cell_crop', 'show_cell_crops', 'cached_cell_box', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitter',
+           'RandomBlur', 'RandomJPEG', 'RandomDownscale', 'RandomScale', 'typical_cover', 'robust_tfms',
+           'robust_dl_kwargs', 'capture_features', 'model_outputs', 'ood_stats', 'ood_scores', 'calibrate_ood',
+           'score_items', 'ood_summary', 'shift_image', 'make_shifts', 'shift_accuracy', 'ood_auroc']
 
 # %% ../nbs/07_robust.ipynb #6d889c9b
 def stain_mask(a:np.ndarray, # (h, w, 3) RGB floats in [0, 1]
@@ -179,57 +176,11 @@ def _presize_cell_one(args):
     im.save(tmp, format='PNG', compress_level=1, pnginfo=info); os.replace(tmp, dest)
     return None
 
-def cached_cell_box(fn:Path|str, # a PNG written by `presize_cells`
+def cached_cell_box(fn:Path|str, # a PNG written by `data.presize` with `cell_crop`
                    )->tuple|None:
     "The cell box stored in a cached cell-centred PNG (`None`: no cell was found)."
     with Image.open(fn) as im: b = json.loads(im.text.get('cell_box', 'null'))
     return tuple(b) if b else None
-
-def presize_cells(df:pd.DataFrame, # items table with `file`
-                  item_size:int=256, # side of the cached squares
-                  ratio:float=CELL_RATIO, # side of the nucleus box / side of the crop
-                  crop_border:bool=False, # crop black borders first (C-NMC)
-                  pad:bool=False, # pad to a square when no cell is found (keeps the aspect ratio)
-                  cache:Path=None, # cache folder; default `cache_dir('presize')`
-                  on_error:str='raise', # 'raise' (one error naming the first bad file) or 'drop'
-                  n_workers:int=None, # threads; default all cores
-                 )->pd.DataFrame:
-    "`data.presize` with the cell-centred crop: adds `image` (the cached squares) and `cell_found`."
-    if not 0 < ratio <= 1: raise ValueError(f"cell crop ratio={ratio}: give a fraction in (0, 1], e.g. 0.5")
-    return presize(df, item_size, crop_border=crop_border, pad=pad, cell_crop=ratio, cache=cache, on_error=on_error,
-                   n_workers=n_workers)
-
-# %% ../nbs/07_robust.ipynb #3ffa8877
-def cell_crop_ratio(meta:dict, # a model's meta (model.json)
-                   )->float|None:
-    "The cell-crop ratio a model was trained with (`preprocess.cell_crop.ratio` in model.json), or `None`."
-    cc = (meta.get('preprocess') or {}).get('cell_crop')
-    return float(cc['ratio']) if isinstance(cc, dict) and cc.get('ratio') else None
-
-def prepare_robust(df:pd.DataFrame, # items with `file`
-                   meta:dict, # the model's meta
-                   on_error:str='raise', # 'raise' or 'drop'
-                  )->pd.DataFrame:
-    "Presize items exactly as the model's training did, cell-centred crop included when model.json asks for it."
-    pre, s = meta.get('preprocess') or {}, meta.get('item_size') or presize_for(meta['size'])
-    r = cell_crop_ratio(meta)
-    if r: return presize_cells(df, s, r, crop_border=pre.get('crop_border', False), pad=pre.get('pad', False), on_error=on_error)
-    return presize(df, s, crop_border=pre.get('crop_border', False), pad=pre.get('pad', False), on_error=on_error)
-
-def read_cell_robust(fn:Path, # image file
-                     meta:dict, # the model's meta
-                    )->tuple:
-    "`(image, cell_found)`: `inference.read_cell` plus the model's cell-centred crop (`cell_found` is None without one)."
-    fn = Path(fn)
-    if not fn.exists(): raise DataError(f"{fn} does not exist: check the path")
-    if fn.is_dir(): raise DataError(f"{fn} is a folder, not an image file: give the folder itself as IMAGES")
-    im, pre, found = load_rgb(fn), meta.get('preprocess') or {}, None
-    if pre.get('crop_border'): im = crop_black_border(im)
-    r = cell_crop_ratio(meta)
-    if r: im, box = cell_crop(im, r); found = box is not None
-    if pre.get('pad'): im = pad_square(im)
-    s = meta.get('item_size') or presize_for(meta['size'])
-    return PILImage(ImageOps.fit(im, (s,s), method=Image.Resampling.LANCZOS)), found
 
 # %% ../nbs/07_robust.ipynb #75e118ea
 _LOG_ADJ = math.log(1e-6) # skimage's scaling of optical densities
@@ -268,7 +219,7 @@ class RandomBlur(RandTransform):
     "Gaussian blur of random strength per image: another microscope's focus."
     order = 46
     def __init__(self,
-                 max_sigma:float=0.015, # largest sigma, as a fraction of the image side
+                 max_sigma:float=0.04, # largest sigma, as a fraction of the image side
                  p:float=0.3, # probability per image
                 ):
         store_attr('max_sigma'); super().__init__(p=1.); self.p_img = p
@@ -304,12 +255,12 @@ class RandomDownscale(RandTransform):
     "Shrink the image by a random factor and enlarge it back: a camera with fewer pixels per cell."
     order = 2
     def __init__(self,
-                 min_factor:float=0.35, # smallest shrink factor (1: no change)
+                 min_factor:float=0.15, # smallest shrink factor (1: no change); drawn log-uniformly
                  p:float=0.3, # probability per image
                 ):
         store_attr('min_factor'); super().__init__(p=p)
     def before_call(self, b, split_idx):
-        super().before_call(b, split_idx); self.f = random.uniform(self.min_factor, 1.)
+        super().before_call(b, split_idx); self.f = math.exp(random.uniform(math.log(self.min_factor), 0.))
     def encodes(self, x:PILImage):
         w, h = x.size
         small = x.resize((max(1, round(w*self.f)), max(1, round(h*self.f))), Image.Resampling.BILINEAR)
@@ -353,11 +304,11 @@ def robust_tfms(cover:float=CELL_RATIO, # nucleus side / image side in the train
                 max_hed:float=0.25, # stain density scale jitter
                 max_hed_shift:float=0.02, # stain density shift
                 p_hed:float=0.75, # probability of a stain jitter per image
-                max_blur:float=0.015, # largest blur sigma, as a fraction of the side
+                max_blur:float=0.04, # largest blur sigma, as a fraction of the side (uniform in [0, max_blur])
                 p_blur:float=0.3, # probability of a blur per image
                 min_quality:int=10, # lowest JPEG quality
                 p_jpeg:float=0.3, # probability of JPEG re-encoding per image
-                min_downscale:float=0.35, # smallest downscale factor
+                min_downscale:float=0.15, # smallest downscale factor (log-uniform in [min_downscale, 1])
                 p_downscale:float=0.3, # probability of a downscale per image
                )->tuple:
     "`(item_tfms, batch_tfms)` that imitate other labs' scale, stain, focus, compression and resolution."
@@ -367,98 +318,27 @@ def robust_tfms(cover:float=CELL_RATIO, # nucleus side / image side in the train
     batch = [HEDJitter(max_hed, max_hed_shift, p=p_hed), RandomBlur(max_blur, p=p_blur)]
     return item, batch
 
-def add_tfms(dls, # `DataLoaders` from `cell_dataloaders`
-             item_tfms:list=None, # added to the training loader's item pipeline
-             extra_batch_tfms:list=None, # added to the training loader's batch pipeline
-            ):
-    "Add transforms to the training `DataLoader` of `dls`, each in its place by `order`; returns `dls`."
-    if item_tfms: dls.train.after_item.add(list(item_tfms))
-    if extra_batch_tfms: dls.train.after_batch.add(list(extra_batch_tfms))
-    return dls
+
 
 # %% ../nbs/07_robust.ipynb #19b629e5
-@delegates(cell_dataloaders)
-def robust_dataloaders(df:pd.DataFrame, # items with `split`
-                       size:int=224, # training image size
-                       cell_ratio:float=None, # crop cell-centred squares at this ratio in the presize step (None: off)
-                       robust:bool=False, # add `robust_tfms` to the training loader
-                       robust_kwargs:dict=None, # options of `robust_tfms` (`cover` defaults to the crop ratio or is measured)
-                       item_size:int=None, # presize side; default `presize_for(size)`
-                       crop_border:bool=False, # crop black borders (C-NMC)
-                       pad:bool=False, # pad to square before resizing
-                       **kwargs):
-    "`cell_dataloaders` with the cell-centred crop in presize and the other-lab augmentation in training."
-    item_size = item_size or presize_for(size)
-    if cell_ratio:
-        df = presize_cells(df, item_size, cell_ratio, crop_border=crop_border, pad=pad)
-        kwargs['use_cache'], crop_border, pad = False, False, False # already presized
-    dls = cell_dataloaders(df, size=size, item_size=item_size, crop_border=crop_border, pad=pad, **kwargs)
-    if robust: add_tfms(dls, **robust_dl_kwargs(df, cell_ratio, robust, robust_kwargs))
-    return dls
+CROP_COVER = (0.8, 1.25) # zoom range with the cell crop on, as factors of the crop ratio
 
 def robust_dl_kwargs(df:pd.DataFrame, # items with `split`
                      cell_crop:float=None, # the cell-crop ratio the images get (sets `cover`), or None
                      robust_aug:bool=True, # the other-lab augmentation
                      robust_kwargs:dict=None, # options of `robust_tfms`
                     )->dict:
-    "`item_tfms` and `extra_batch_tfms` for `cell_dataloaders`/`add_tfms` (empty when `robust_aug` is off)."
+    "`item_tfms` and `extra_batch_tfms` for `cell_dataloaders` (empty when `robust_aug` is off)."
     if not robust_aug: return {}
     kw = dict(robust_kwargs or {})
     if 'cover' not in kw: kw['cover'] = cell_crop or typical_cover(df[df.split=='train'].file)
+    if cell_crop: # the crop already fixes the scale: jitter it only as much as detection varies
+        kw.setdefault('min_cover', CROP_COVER[0]*cell_crop); kw.setdefault('max_cover', min(0.95, CROP_COVER[1]*cell_crop))
     it, bt = robust_tfms(**kw)
     return dict(item_tfms=it, extra_batch_tfms=bt)
 
 # %% ../nbs/07_robust.ipynb #cda5f31c
 ROBUST_AUG_CFG = dict(max_lighting=0.3, max_hue=0.1) # train-config values the robust preset raises
-
-@contextlib.contextmanager
-def robust_hooks(cell_crop:float=None, # cell-crop ratio (None: off)
-                 robust_aug:bool=False, # add the other-lab augmentation
-                 robust_kwargs:dict=None, # options of `robust_tfms`
-                ):
-    "Route `train`'s data loading, model meta and evaluation presize through the cell crop and augmentation."
-    import bloodcell_fastai.train as T
-    saved = dict(cell_dataloaders=T.cell_dataloaders, model_meta=T.model_meta, prepare_items=T.prepare_items)
-    def _dls(df, **kw): return robust_dataloaders(df, cell_ratio=cell_crop, robust=robust_aug, robust_kwargs=robust_kwargs, **kw)
-    def _meta(learn, cfg, dls):
-        m = saved['model_meta'](learn, cfg, dls)
-        if cell_crop: m['preprocess'] = {**m.get('preprocess', {}), 'cell_crop': dict(ratio=float(cell_crop))}
-        return m
-    T.cell_dataloaders, T.model_meta, T.prepare_items = _dls, _meta, prepare_robust
-    try: yield
-    finally:
-        for k,v in saved.items(): setattr(T, k, v)
-
-def robust_train(run_dir:Path|str, # run folder to write
-                 cell_crop:float=None, # cell-centred crop ratio, e.g. 0.5 (None: off)
-                 robust_aug:bool=False, # other-lab augmentation (zoom, stain, blur, JPEG, downscale)
-                 robust_kwargs:dict=None, # options of `robust_tfms`
-                 ood_score:str='cosine', # out-of-distribution score to calibrate (`OOD_SCORES`; None: skip)
-                 ood_pct:float=95., # percentile of in-domain validation scores used as the threshold
-                 resume:bool=False, # continue an interrupted run (options read from robust.json)
-                 **kwargs, # options of `train.train` / `TRAIN_DEFAULTS`
-                )->Path:
-    "`train.train` with the cell-centred crop and other-lab augmentation, then the OOD threshold; returns the run folder."
-    from bloodcell_fastai.train import train
-    run_dir = Path(run_dir)
-    opts = dict(cell_crop=cell_crop, robust_aug=bool(robust_aug), robust_kwargs=robust_kwargs or {}, ood_score=ood_score, ood_pct=ood_pct)
-    if resume and (run_dir/'robust.json').exists(): opts = json.loads((run_dir/'robust.json').read_text())
-    elif opts['robust_aug']: kwargs = {**ROBUST_AUG_CFG, **kwargs}
-    atomic_write(run_dir/'robust.json', json.dumps(opts, indent=1))
-    with robust_hooks(opts['cell_crop'], opts['robust_aug'], opts['robust_kwargs']):
-        train(run_dir, resume=resume, **kwargs)
-    if opts['ood_score']: opts['ood'] = ood_summary(calibrate_ood(run_dir, opts['ood_score'], opts['ood_pct']))
-    rec = json.loads((run_dir/'record.json').read_text()); rec['robust'] = opts
-    atomic_write(run_dir/'record.json', json.dumps(rec, indent=1))
-    return run_dir
-
-# %% ../nbs/07_robust.ipynb #21dfe6b7
-def evaluate_robust(run_dir:Path|str, # run folder
-                    **kwargs, # options of `train.evaluate_run`: data, dataset, split, restrict_classes, n_boot, bs
-                   )->dict:
-    "`train.evaluate_run` with the model's own preprocessing, cell-centred crop included."
-    from bloodcell_fastai.train import evaluate_run
-    with robust_hooks(): return evaluate_run(run_dir, **kwargs)
 
 # %% ../nbs/07_robust.ipynb #855bc87a
 LOGIT_SCORES, FEATURE_SCORES = ('energy', 'msp'), ('cosine', 'mahalanobis')
@@ -481,8 +361,8 @@ def capture_features(model, # torch model
 
 def model_outputs(model, # torch model in eval mode (or an `OnnxModel` when `features=False`)
                   meta:dict, # its meta
-                  df:pd.DataFrame=None, # items prepared with `prepare_robust`, or
-                  ims:list=None, # preprocessed images from `read_cell_robust`
+                  df:pd.DataFrame=None, # items prepared with `inference.prepare_items`, or
+                  ims:list=None, # preprocessed images from `inference.read_cell`
                   bs:int=64, # batch size
                   features:bool=False, # also return the penultimate features
                  ):
@@ -543,7 +423,7 @@ def calibrate_ood(run_dir:Path|str, # run folder
     def rows(s):
         r = df[df.split==s].drop_duplicates('file').reset_index(drop=True)
         if not len(r): raise DataError(f"{run_dir/'split.csv'} has no '{s}' rows to calibrate the OOD flag on: use a larger valid_pct")
-        return prepare_robust(r, meta)
+        return prepare_items(r, meta)
     feat = score in FEATURE_SCORES
     stats = {}
     if feat:
@@ -559,7 +439,7 @@ def calibrate_ood(run_dir:Path|str, # run folder
 
 def score_items(model, # torch model in eval mode
                 meta:dict, # its meta, with the `ood` entry from `calibrate_ood`
-                df:pd.DataFrame, # items prepared with `prepare_robust`
+                df:pd.DataFrame, # items prepared with `inference.prepare_items`
                 bs:int=64, # batch size
                )->tuple:
     "`(logits, ood_scores)` of prepared items; the scores are `None` when the model has no OOD calibration."
@@ -572,45 +452,6 @@ def ood_summary(ood:dict, # the `ood` entry of model.json (or `None`)
                )->dict:
     "The OOD entry of model.json without its statistics, for records and printing."
     return {k:v for k,v in (ood or {}).items() if k not in ('centroids','means','var')}
-
-# %% ../nbs/07_robust.ipynb #d5c2d099
-def predict_robust(run, # run folder, or a `(model, meta)` pair
-                   images, # an image file, a list of files, a folder or a glob pattern
-                   bs:int=64, # batch size
-                   threshold:float=None, # abstain below this probability; default model.json's or 0.5
-                   k:int=3, # classes listed in `top{k}`
-                   n_workers:int=None, # decoding threads; default all cores
-                  )->pd.DataFrame:
-    "Classify files with the model's own preprocessing; adds `cell_found`, `ood_score`, `ood` and their statuses."
-    model, meta = _as_model(run)
-    files = image_paths(images)
-    threshold = float(threshold if threshold is not None else meta.get('threshold', DEFAULT_THRESHOLD))
-    classes, ood, t = list(meta['classes']), meta.get('ood'), float(meta.get('temperature') or 1.)
-    feat = bool(ood) and ood['score'] in FEATURE_SCORES
-    if feat and not isinstance(model, torch.nn.Module):
-        warnings.warn(f"OOD score {ood['score']!r} needs the torch model's features: no OOD flag with {type(model).__name__}")
-        ood = feat = None
-    def _read(fn):
-        try: return read_cell_robust(fn, meta), None
-        except DataError as e: return (None, None), str(e)
-        except Exception as e: return (None, None), f"{fn} cannot be read ({type(e).__name__}: {e}): replace or remove it"
-    nw = defaults.cpus if n_workers is None else n_workers
-    res = list(parallel(_read, files, n_workers=nw, threadpool=True, progress=False))
-    good = [i for i,((im,_),_) in enumerate(res) if im is not None]
-    z, f = (model_outputs(model, meta, ims=[res[i][0][0] for i in good], bs=bs, features=True) if feat else
-            (model_outputs(model, meta, ims=[res[i][0][0] for i in good], bs=bs), None))
-    out = decide(torch.softmax(torch.from_numpy(z)/t, 1).numpy(), classes, threshold, k)
-    out.index = good
-    out['cell_found'] = [res[i][0][1] for i in good]
-    out['ood_score'] = ood_scores(z, ood['score'], f, ood).round(4) if ood and len(good) else np.nan
-    out['ood'] = out.ood_score > ood['threshold'] if ood else False
-    no_cell = out.cell_found.map(lambda v: v is False)
-    out['status'] = np.where(out.ood, OOD_STATUS, np.where(no_cell, NO_CELL_STATUS, out.status))
-    bad = [i for i in range(len(files)) if i not in set(good)]
-    if bad: out = pd.concat([out, pd.DataFrame({'label':'', 'status':'error', 'error':[res[i][1] for i in bad]}, index=bad)]).sort_index()
-    out.insert(0, 'file', [str(fn) for fn in files])
-    out.attrs.update(classes=classes, threshold=threshold, ood=ood_summary(ood), k=k)
-    return out
 
 # %% ../nbs/07_robust.ipynb #eb9a3069
 SHIFTS = ('clean', 'zoom', 'stain', 'blur', 'jpeg', 'downscale')
@@ -667,7 +508,7 @@ def shift_accuracy(run_dir:Path|str, # run folder
                   )->pd.DataFrame:
     "Accuracy per shift and as a fraction of the clean accuracy, with the share flagged OOD or without a cell."
     model, meta = load_safe(run_dir)
-    df = prepare_robust(shifted.reset_index(drop=True), meta)
+    df = prepare_items(shifted.reset_index(drop=True), meta)
     z, s = score_items(model, meta, df, bs=bs)
     pred = np.asarray(meta['classes'])[z.argmax(1)]
     df = df.assign(correct=pred==df.label.astype(str).values, ood=s > meta['ood']['threshold'] if s is not None else np.nan)
@@ -686,5 +527,5 @@ def ood_auroc(run_dir:Path|str, # run folder with an `ood` entry in model.json
     model, meta = load_safe(run_dir)
     ood = meta.get('ood')
     if not ood: raise DataError(f"{Path(run_dir)/'model.json'} has no 'ood' entry: run calibrate_ood({str(run_dir)!r}) first")
-    s = [score_items(model, meta, prepare_robust(pd.DataFrame({'file':list(map(str, fs))}), meta))[1] for fs in (in_files, out_files)]
+    s = [score_items(model, meta, prepare_items(pd.DataFrame({'file':list(map(str, fs))}), meta))[1] for fs in (in_files, out_files)]
     return float(roc_auc_score(np.r_[np.zeros(len(s[0])), np.ones(len(s[1]))], np.r_[s[0], s[1]]))

@@ -7,10 +7,10 @@ from PIL import Image
 from skimage.color import rgb2hed
 from fastai.vision.all import PILImage, TensorImage
 from bloodcell_fastai.robust import *
-from bloodcell_fastai.data import load_rgb, load_items, DataError, split_items
-from bloodcell_fastai.inference import load_safe, predict_probs, read_meta
+from bloodcell_fastai.data import load_rgb, load_items, DataError, split_items, presize, cell_dataloaders
+from bloodcell_fastai.inference import load_safe, predict_probs, read_meta, read_cell_found, prepare_items, predict
 from bloodcell_fastai.metrics import restrict_probs
-import bloodcell_fastai.train as T
+from bloodcell_fastai.train import train, evaluate_run
 
 TINY = dict(size=48, bs=16, epochs=2, lr=2e-3, num_workers=0, precision='fp32', sample=10)
 WHITE = ['basophil', 'eosinophil', 'lymphocyte', 'monocyte', 'neutrophil'] # the other lab's five classes
@@ -36,8 +36,8 @@ def cells(pbc, cnmc_files, allidb_files):
 @pytest.fixture(scope='module')
 def run(data_root, tmp_path_factory):
     "A tiny 8-class PBC model trained once with the cell crop and the other-lab augmentation, OOD calibrated."
-    return robust_train(tmp_path_factory.mktemp('runs')/'robust', cell_crop=0.5, robust_aug=True, dataset='pbc',
-                        data=str(data_root/'pbc'), **TINY)
+    return train(tmp_path_factory.mktemp('runs')/'robust', cell_crop=0.5, robust_aug=True, dataset='pbc',
+                 data=str(data_root/'pbc'), **TINY)
 
 @pytest.fixture(scope='module')
 def small_items(pbc):
@@ -93,32 +93,32 @@ def test_cell_crop_without_a_cell():
         assert box is None and crop is im # kept whole, flagged
     with pytest.raises(ValueError, match=r'ratio=1\.5: give a fraction'): cell_crop(Image.new('RGB', (9, 9)), 1.5)
 
-def test_presize_cells_flags_cache_and_errors(pbc, cnmc_files, tmp_path):
+def test_presize_cell_crop_flags_cache_and_errors(pbc, cnmc_files, tmp_path):
     Image.new('RGB', (64, 64), (245, 225, 215)).save(tmp_path/'field.png')
     files = [str(pbc['neutrophil'][0]), str(cnmc_files[0]), str(tmp_path/'field.png')]
-    p = presize_cells(pd.DataFrame({'file': files, 'label': ['a','b','c']}), 64, 0.5, cache=tmp_path/'c')
+    p = presize(pd.DataFrame({'file': files, 'label': ['a','b','c']}), 64, cell_crop=0.5, cache=tmp_path/'c')
     assert p.cell_found.tolist() == [True, True, False]
     assert all(Image.open(f).size == (64, 64) for f in p.image) and '_cell0.5' in p.image.iloc[0]
     t0 = Path(p.image.iloc[0]).stat().st_mtime_ns
-    presize_cells(pd.DataFrame({'file': files}), 64, 0.5, cache=tmp_path/'c')
+    presize(pd.DataFrame({'file': files}), 64, cell_crop=0.5, cache=tmp_path/'c')
     assert Path(p.image.iloc[0]).stat().st_mtime_ns == t0 # cached, not recomputed
     (tmp_path/'bad.jpg').write_bytes(b'\xff\xd8 truncated')
     bad = pd.DataFrame({'file': files + [str(tmp_path/'bad.jpg')]})
-    with pytest.raises(DataError, match='bad.jpg'): presize_cells(bad, 64, cache=tmp_path/'c')
-    with pytest.warns(UserWarning, match='bad.jpg'): d = presize_cells(bad, 64, cache=tmp_path/'c', on_error='drop')
-    assert len(d) == 3
+    with pytest.raises(DataError, match='bad.jpg'): presize(bad, 64, cell_crop=0.5, cache=tmp_path/'c')
+    with pytest.warns(UserWarning, match='bad.jpg'): d = presize(bad, 64, cell_crop=0.5, cache=tmp_path/'c', on_error='drop')
+    assert len(d) == 3 and d.cell_found.tolist() == [True, True, False]
 
-def test_read_cell_robust_matches_presize(pbc, tmp_path):
+def test_read_cell_found_matches_presize(pbc, tmp_path):
     meta = dict(size=48, item_size=64, preprocess=dict(cell_crop=dict(ratio=0.5)))
     f = pbc['monocyte'][1]
-    im, found = read_cell_robust(f, meta)
-    p = prepare_robust(pd.DataFrame({'file': [str(f)]}), meta)
+    im, found = read_cell_found(f, meta)
+    p = prepare_items(pd.DataFrame({'file': [str(f)]}), meta)
     assert found and p.cell_found.iloc[0]
     np.testing.assert_array_equal(np.asarray(im), np.asarray(Image.open(p.image.iloc[0]).convert('RGB')))
     # without the key, the image is framed as before (no crop, no flag)
-    im2, found2 = read_cell_robust(f, dict(size=48, item_size=64))
+    im2, found2 = read_cell_found(f, dict(size=48, item_size=64))
     assert found2 is None and np.abs(np.asarray(im2, dtype=int) - np.asarray(im, dtype=int)).mean() > 5
-    with pytest.raises(DataError, match='does not exist'): read_cell_robust(tmp_path/'nope.jpg', meta)
+    with pytest.raises(DataError, match='does not exist'): read_cell_found(tmp_path/'nope.jpg', meta)
 
 
 # --- augmentation for other labs -----------------------------------------------------------------------------------
@@ -173,14 +173,18 @@ def test_robust_dl_kwargs(small_items):
     assert robust_dl_kwargs(small_items, 0.5, robust_aug=False) == {}
     kw = robust_dl_kwargs(small_items, 0.5)
     assert set(kw) == {'item_tfms', 'extra_batch_tfms'} # what cell_block/cell_dataloaders would take
-    assert [t for t in kw['item_tfms'] if isinstance(t, RandomScale)][0].max_zoom == pytest.approx(1.4)
+    # with the crop the frame is already normalised: only the jitter of cell detection (CROP_COVER) is left
+    sc = [t for t in kw['item_tfms'] if isinstance(t, RandomScale)][0]
+    assert (sc.min_zoom, sc.max_zoom) == pytest.approx(CROP_COVER)
+    kw2 = robust_dl_kwargs(small_items, 0.5, robust_kwargs=dict(min_cover=0.15, max_cover=0.7)) # explicit options win
+    assert [t for t in kw2['item_tfms'] if isinstance(t, RandomScale)][0].max_zoom == pytest.approx(1.4)
     # without the crop, the zoom range comes from the cells' measured size in the training images (small in PBC)
     sc = [t for t in robust_dl_kwargs(small_items)['item_tfms'] if isinstance(t, RandomScale)][0]
     assert sc.max_zoom > 2
 
-def test_robust_dataloaders_train_only(small_items):
-    dls = robust_dataloaders(small_items, size=48, bs=8, cell_ratio=0.5, robust=True, num_workers=0, seed=1)
-    ref = robust_dataloaders(small_items, size=48, bs=8, cell_ratio=0.5, robust=False, num_workers=0, seed=1)
+def test_robust_augmentation_train_only(small_items):
+    dls = cell_dataloaders(small_items, size=48, bs=8, cell_crop=0.5, num_workers=0, seed=1, **robust_dl_kwargs(small_items, 0.5))
+    ref = cell_dataloaders(small_items, size=48, bs=8, cell_crop=0.5, num_workers=0, seed=1)
     names = [type(t).__name__ for t in dls.train.after_batch.fs]
     assert names.index('HEDJitter') < names.index('Normalize') and 'RandomBlur' in names
     assert {'RandomScale','RandomJPEG','RandomDownscale'} <= {type(t).__name__ for t in dls.train.after_item.fs}
@@ -190,24 +194,15 @@ def test_robust_dataloaders_train_only(small_items):
     np.testing.assert_allclose(dls.valid.one_batch()[0].cpu().numpy(), ref.valid.one_batch()[0].cpu().numpy(), atol=1e-6)
     assert dls.train.one_batch()[0].shape == (8, 3, 48, 48)
 
-def test_robust_hooks_restore_train_module():
-    orig = (T.cell_dataloaders, T.model_meta, T.prepare_items)
-    with pytest.raises(RuntimeError):
-        with robust_hooks(cell_crop=0.5):
-            assert T.prepare_items is prepare_robust
-            raise RuntimeError('boom')
-    assert (T.cell_dataloaders, T.model_meta, T.prepare_items) == orig
-
-
 # --- training with the options -------------------------------------------------------------------------------------
 
-def test_robust_train_records_options(run):
+def test_train_records_robust_options(run):
     meta = read_meta(run)
     assert meta['preprocess']['cell_crop'] == {'ratio': 0.5}
     rec = json.loads((run/'record.json').read_text())
-    assert rec['status'] == 'done' and rec['robust']['cell_crop'] == 0.5 and rec['robust']['robust_aug']
+    assert rec['status'] == 'done' and rec['config']['cell_crop'] == 0.5 and rec['config']['robust_aug']
     assert rec['config']['max_hue'] == 0.1 and rec['config']['max_lighting'] == 0.3
-    assert json.loads((run/'robust.json').read_text())['cell_crop'] == 0.5
+    assert rec['ood']['score'] == 'cosine' and 'centroids' not in rec['ood'] # the summary; statistics stay in model.json
     ood = meta['ood']
     assert ood['score'] == 'cosine' and ood['percentile'] == 95 and np.isfinite(ood['threshold'])
     assert np.array(ood['centroids']).shape[0] == len(meta['classes'])
@@ -236,16 +231,16 @@ def test_ood_separates_pbc_from_cnmc(run, cnmc_files):
     assert auc > 0.5, auc # better than chance on a tiny model
     # calibration: the threshold is the 95th percentile of the validation scores
     model, meta = load_safe(run)
-    z, s = score_items(model, meta, prepare_robust(sp[sp.split=='valid'].reset_index(drop=True), meta))
+    z, s = score_items(model, meta, prepare_items(sp[sp.split=='valid'].reset_index(drop=True), meta))
     assert meta['ood']['threshold'] == pytest.approx(np.percentile(s, 95))
 
-def test_predict_robust_statuses(run, cnmc_files, tmp_path):
+def test_predict_ood_and_cell_statuses(run, cnmc_files, tmp_path):
     sp = pd.read_csv(run/'split.csv')
     pbc = sp[sp.split=='test'].file.tolist()[:8]
     Image.new('RGB', (120, 120), (245, 225, 215)).save(tmp_path/'empty_field.png')
     (tmp_path/'broken.bmp').write_bytes(b'BM nothing')
     files = pbc + [str(f) for f in cnmc_files[:8]] + [str(tmp_path/'empty_field.png'), str(tmp_path/'broken.bmp')]
-    res = predict_robust(run, files, n_workers=1)
+    res = predict(run, files, n_workers=1)
     assert len(res) == len(files) and res.file.tolist() == files
     assert res.status.iloc[-1] == 'error' and 'broken.bmp' in res.error.iloc[-1]
     assert res.cell_found.iloc[-2] == False and res.status.iloc[-2] in (NO_CELL_STATUS, OOD_STATUS)
@@ -256,8 +251,13 @@ def test_predict_robust_statuses(run, cnmc_files, tmp_path):
     assert set(res.status) <= {'ok', 'refer to expert', OOD_STATUS, NO_CELL_STATUS, 'error'}
     # the same probabilities as the presize path
     model, meta = load_safe(run)
-    p = predict_probs(model, meta, prepare_robust(pd.DataFrame({'file': pbc}), meta))
+    p = predict_probs(model, meta, prepare_items(pd.DataFrame({'file': pbc}), meta))
     np.testing.assert_allclose(res[[f'prob_{c}' for c in meta['classes']]].iloc[:8].values, p, atol=1e-5)
+    # TTA changes the probabilities, not the OOD score (taken from the plain pass) nor the cell flag
+    tta = predict(run, files[:16], tta=True, n_workers=1)
+    np.testing.assert_allclose(tta.ood_score.values, res.ood_score.iloc[:16].values, atol=1e-4)
+    assert tta.cell_found.all() and not np.allclose(tta[[f'prob_{c}' for c in meta['classes']]].values,
+                                                   res[[f'prob_{c}' for c in meta['classes']]].iloc[:16].values)
 
 def test_calibrate_ood_other_scores(run):
     for score in ('energy', 'mahalanobis'):
@@ -274,7 +274,7 @@ def test_restricted_evaluation_on_five_classes(run, pbc, tmp_path):
     for c in WHITE:
         (tmp_path/'five'/c).mkdir(parents=True)
         for f in pbc[c][6:10]: shutil.copy(f, tmp_path/'five'/c/f.name)
-    rep = evaluate_robust(run, data=str(tmp_path/'five'), dataset='folder', restrict_classes=True, n_boot=20)
+    rep = evaluate_run(run, data=str(tmp_path/'five'), dataset='folder', restrict_classes=True, n_boot=20)
     assert rep['shared_classes'] == WHITE and rep['n_model_classes'] == 8
     r = rep['restricted']
     assert r['classes'] == WHITE and r['n_images'] == 20
@@ -282,7 +282,7 @@ def test_restricted_evaluation_on_five_classes(run, pbc, tmp_path):
     # the restricted predictions are the renormalised probabilities of the cell-cropped images
     model, meta = load_safe(run)
     df = load_items('folder', tmp_path/'five')
-    p = restrict_probs(predict_probs(model, meta, prepare_robust(df, meta)), meta['classes'], WHITE)
+    p = restrict_probs(predict_probs(model, meta, prepare_items(df, meta)), meta['classes'], WHITE)
     cm = np.zeros((5, 5), int)
     for t, q in zip(df.label.map(WHITE.index), p.argmax(1)): cm[t, q] += 1
     assert r['confusion_matrix'] == cm.tolist()
