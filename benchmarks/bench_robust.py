@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1])) # this checkout's p
 import numpy as np, pandas as pd
 from bloodcell_fastai.data import data_root, load_split, presize_for
 from bloodcell_fastai.train import train
-from bloodcell_fastai.robust import make_shifts, shift_accuracy, ood_auroc, SHIFTS, CELL_RATIO
+from bloodcell_fastai.data import atomic_write
+from bloodcell_fastai.robust import calibrate_ood, ood_summary, make_shifts, shift_accuracy, ood_auroc, SHIFTS, CELL_RATIO
 
 VARIANTS = dict(baseline=dict(cell_crop=None, robust_aug=False), crop=dict(cell_crop=CELL_RATIO, robust_aug=False),
                 aug=dict(cell_crop=None, robust_aug=True), robust=dict(cell_crop=CELL_RATIO, robust_aug=True))
@@ -41,6 +42,8 @@ def main():
     p.add_argument('--arch', default='resnet18'); p.add_argument('--precision', default='auto')
     p.add_argument('--seed', type=int, default=42); p.add_argument('--num-workers', type=int, default=None)
     p.add_argument('--variants', default='baseline,robust', help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument('--ood-score', default='feature_stats', help='OOD score to calibrate (robust.OOD_SCORES)')
+    p.add_argument('--reuse', action='store_true', help='keep finished runs in OUT (same config), recalibrate their OOD flag, re-evaluate')
     p.add_argument('--out', default='runs/bench_robust')
     a = p.parse_args()
     variants = a.variants.split(',')
@@ -48,13 +51,20 @@ def main():
     if bad: sys.exit(f"bench_robust: unknown variant(s) {', '.join(bad)}: choose from {', '.join(VARIANTS)}")
     out = Path(a.out); t0 = time.time()
     cfg = dict(dataset='pbc', sample=a.sample, size=a.size, epochs=a.epochs, bs=a.bs, lr=a.lr, arch=a.arch,
-               precision=a.precision, seed=a.seed, num_workers=a.num_workers)
+               precision=a.precision, seed=a.seed, num_workers=a.num_workers, ood_score=a.ood_score)
     runs, recs = {}, {}
     for v in variants:
         t = time.time()
-        runs[v] = Path(train(out/v, **VARIANTS[v], **cfg))
+        if a.reuse and _finished(out/v, {**VARIANTS[v], **cfg}):
+            runs[v] = out/v
+            rec = json.loads((runs[v]/'record.json').read_text())
+            rec['ood'] = ood_summary(calibrate_ood(runs[v], a.ood_score))
+            atomic_write(runs[v]/'record.json', json.dumps(rec, indent=1))
+            print(f"reused {v}: OOD flag recalibrated ({a.ood_score})", file=sys.stderr)
+        else:
+            runs[v] = Path(train(out/v, **VARIANTS[v], **cfg))
+            print(f"trained {v} in {time.time()-t:.0f} s -> {runs[v]}", file=sys.stderr)
         recs[v] = json.loads((runs[v]/'record.json').read_text())
-        print(f"trained {v} in {time.time()-t:.0f} s -> {runs[v]}", file=sys.stderr)
     md5s = {recs[v]['split_csv_md5'] for v in variants}
     if len(md5s) != 1: sys.exit("bench_robust: the variants were trained on different splits; use a fresh --out")
     split = load_split(runs[variants[0]]/'split.csv')
@@ -73,6 +83,10 @@ def main():
         g = tables[v]
         cells = [f"{g.loc[s,'accuracy']*100:.1f}" + ("" if s=='clean' else f" ({g.loc[s,'of_clean']*100:.0f}%)") for s in SHIFTS]
         print(f"| {v} | " + " | ".join(cells) + f" | {g.of_clean.drop('clean').min()*100:.0f}% |")
+    print("\nShare of each shift's images the OOD flag marks as unlike the training data\n")
+    print("| model | " + " | ".join(SHIFTS) + " |"); print("|---" * (len(SHIFTS)+1) + "|")
+    for v in variants:
+        print(f"| {v} | " + " | ".join(f"{tables[v].loc[s,'ood_flagged']*100:.0f}%" for s in SHIFTS) + " |")
     print("\nIn-domain test accuracy (from record.json, bootstrap 95% CI), and the OOD flag\n")
     print("| model | test accuracy % [95% CI] | balanced accuracy % | train s | flagged: PBC test | " +
           " | ".join(f"flagged: {k} | AUROC PBC vs {k}" for k in others) + " |")
@@ -90,6 +104,13 @@ def main():
                test={v: recs[v]['final_metrics']['test']['accuracy'] for v in variants}, ood_auroc=ood)
     (out/'results.json').write_text(json.dumps(res, indent=1, default=float))
     print(f"\nwrote {out/'results.json'}", file=sys.stderr)
+
+
+def _finished(run, cfg)->bool:
+    "Whether `run` holds a finished run trained with the options in `cfg` (the OOD score aside)."
+    try: rec = json.loads((Path(run)/'record.json').read_text())
+    except (OSError, ValueError): return False
+    return rec.get('status') == 'done' and all(rec['config'].get(k) == v for k,v in cfg.items() if k not in ('ood_score', 'num_workers'))
 
 
 def _flagged(run, files)->float:

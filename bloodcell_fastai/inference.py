@@ -260,13 +260,13 @@ def predict_cells(model, # torch module in eval mode, or an `OnnxModel`
     dev = _model_device(model)
     def _logits(xb): return torch.as_tensor(model(xb.as_subclass(torch.Tensor))).float().cpu()
     def _probs(z): return torch.softmax(z/t, dim=1)
-    if ood: from bloodcell_fastai.robust import capture_features, ood_scores, FEATURE_SCORES
+    if ood: from bloodcell_fastai.robust import capture_features, ood_scores
     out, raw, feats = [], [], []
     with torch.inference_mode(), _seeded(seed):
         for i in range(0, len(ims), bs):
             b = ims[i:i+bs]
             if ood: # the features of the plain pass only, for the out-of-distribution score (07_robust)
-                with capture_features(model, ood['score'] in FEATURE_SCORES) as f: z = _logits(cell_batch(b, meta, device=dev))
+                with capture_features(model, ood['score']) as f: z = _logits(cell_batch(b, meta, device=dev))
                 raw.append(z); feats += f
             else: z = _logits(cell_batch(b, meta, device=dev))
             p = _probs(z)

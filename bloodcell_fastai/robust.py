@@ -23,11 +23,12 @@ from .inference import load_safe, infer_dl, cell_batch, prepare_items, _model_de
 
 # %% auto #0
 __all__ = ['CELL_RATIO', 'CELL_CROP_VERSION', 'CROP_COVER', 'ROBUST_AUG_CFG', 'LOGIT_SCORES', 'FEATURE_SCORES', 'OOD_SCORES',
-           'OOD_STATUS', 'NO_CELL_STATUS', 'SHIFTS', 'stain_mask', 'square_around', 'border_colour', 'crop_padded',
-           'find_cell', 'cell_crop', 'show_cell_crops', 'cached_cell_box', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitter',
-           'RandomBlur', 'RandomJPEG', 'RandomDownscale', 'RandomScale', 'typical_cover', 'robust_tfms',
-           'robust_dl_kwargs', 'capture_features', 'model_outputs', 'ood_stats', 'ood_scores', 'calibrate_ood',
-           'score_items', 'ood_summary', 'shift_image', 'make_shifts', 'shift_accuracy', 'ood_auroc']
+           'OOD_DEFAULT', 'OOD_STATUS', 'NO_CELL_STATUS', 'SHIFTS', 'stain_mask', 'square_around', 'border_colour',
+           'crop_padded', 'find_cell', 'cell_crop', 'show_cell_crops', 'cached_cell_box', 'rgb_to_hed', 'hed_to_rgb',
+           'HEDJitter', 'RandomBlur', 'RandomJPEG', 'RandomDownscale', 'RandomScale', 'typical_cover', 'robust_tfms',
+           'robust_dl_kwargs', 'stats_module', 'pooled_stats', 'capture_features', 'model_outputs', 'ood_stats',
+           'ood_scores', 'calibrate_ood', 'score_items', 'ood_summary', 'shift_image', 'make_shifts', 'shift_accuracy',
+           'ood_auroc']
 
 # %% ../nbs/07_robust.ipynb #6d889c9b
 def stain_mask(a:np.ndarray, # (h, w, 3) RGB floats in [0, 1]
@@ -341,75 +342,96 @@ def robust_dl_kwargs(df:pd.DataFrame, # items with `split`
 ROBUST_AUG_CFG = dict(max_lighting=0.3, max_hue=0.1) # train-config values the robust preset raises
 
 # %% ../nbs/07_robust.ipynb #855bc87a
-LOGIT_SCORES, FEATURE_SCORES = ('energy', 'msp'), ('cosine', 'mahalanobis')
+LOGIT_SCORES, FEATURE_SCORES = ('energy', 'msp'), ('feature_stats', 'cosine', 'mahalanobis')
 OOD_SCORES = FEATURE_SCORES + LOGIT_SCORES
+OOD_DEFAULT = 'feature_stats'
 OOD_STATUS = 'unlike the training data'
 NO_CELL_STATUS = 'no cell found'
 
+def stats_module(model, # torch model
+                )->torch.nn.Module|None:
+    "The last feature stage of a timm model (`feature_info`), whose output `feature_stats` summarises; `None` if it has none."
+    fi = getattr(model, 'feature_info', None)
+    try: name = fi[-1]['module'] if isinstance(fi, list) else fi.module_name()[-1]
+    except Exception: return None
+    return dict(model.named_modules()).get(name)
+
+def pooled_stats(o:torch.Tensor, # a feature map `(n, c, h, w)` or tokens `(n, tokens, c)`
+                )->torch.Tensor:
+    "Per-channel mean and standard deviation over positions (or tokens): `(n, 2c)`."
+    o = o.detach().float()
+    dims = (2, 3) if o.ndim==4 else (1,) if o.ndim==3 else None
+    if dims is None: return o.flatten(1)
+    return torch.cat([o.mean(dims), o.std(dims, correction=0)], 1)
+
 @contextlib.contextmanager
 def capture_features(model, # torch model
-                     on:bool=True, # capture at all
+                     score:str=OOD_DEFAULT, # the OOD score the features are for (a logit score or `None`: capture nothing)
                     ):
-    "Collect the input of the model's last linear layer (the penultimate features) on every forward pass."
+    "Collect, on every forward pass, the features `score` needs: the last stage's pooled statistics or the penultimate features."
     feats = []
-    if not on: yield feats; return
-    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if isinstance(model, torch.nn.Module) else []
-    if not lin: raise ValueError(f"{type(model).__name__} has no final linear layer to read features from: use ood score 'energy' or 'msp'")
-    h = lin[-1].register_forward_hook(lambda m, i, o: feats.append(i[0].detach().float().flatten(1).cpu()))
+    if score not in FEATURE_SCORES: yield feats; return
+    mod = stats_module(model) if score=='feature_stats' and isinstance(model, torch.nn.Module) else None
+    if mod is not None: h = mod.register_forward_hook(lambda m, i, o: feats.append(pooled_stats(o).cpu()))
+    else: # the input of the last linear layer (also `feature_stats` for models without timm's `feature_info`)
+        lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if isinstance(model, torch.nn.Module) else []
+        if not lin: raise ValueError(f"{type(model).__name__} has no final linear layer to read features from: use ood score 'energy' or 'msp'")
+        h = lin[-1].register_forward_hook(lambda m, i, o: feats.append(i[0].detach().float().flatten(1).cpu()))
     try: yield feats
     finally: h.remove()
 
-def model_outputs(model, # torch model in eval mode (or an `OnnxModel` when `features=False`)
+def model_outputs(model, # torch model in eval mode (or an `OnnxModel` when `score` is None)
                   meta:dict, # its meta
                   df:pd.DataFrame=None, # items prepared with `inference.prepare_items`, or
                   ims:list=None, # preprocessed images from `inference.read_cell`
                   bs:int=64, # batch size
-                  features:bool=False, # also return the penultimate features
+                  score:str=None, # an OOD score: also return the features it needs
                  ):
-    "Raw logits `(n, c)` through the model's validation transforms, and with `features` the penultimate features."
+    "Raw logits `(n, c)` through the model's validation transforms; with `score`, `(logits, features)` (`None` for logit scores)."
     dev, out = _model_device(model), []
     batches = ((xb for (xb,) in infer_dl(df, meta, bs=bs)) if df is not None else
                (cell_batch(ims[i:i+bs], meta, device=dev) for i in range(0, len(ims), bs)))
-    with torch.inference_mode(), capture_features(model, features) as feats:
+    with torch.inference_mode(), capture_features(model, score) as feats:
         for xb in batches: out.append(torch.as_tensor(model(xb.to(dev).as_subclass(torch.Tensor))).float().cpu())
     z = torch.cat(out).numpy() if out else np.zeros((0, len(meta['classes'])), np.float32)
-    if not features: return z
+    if score is None: return z
+    if score not in FEATURE_SCORES: return z, None
     return z, (torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32))
 
 def _unit(f): return f/np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
-def ood_stats(feats:np.ndarray, # (n, d) penultimate features of the training images
+def ood_stats(feats:np.ndarray, # (n, d) features of the training images (from `capture_features`)
               targets:np.ndarray, # (n,) their class indices
-              score:str='cosine', # which score the statistics are for
+              score:str=OOD_DEFAULT, # which score the statistics are for
              )->dict:
-    "What a feature score needs, as JSON-ready lists: unit class centroids (cosine) or class means and variances (mahalanobis)."
+    "What a feature score needs, as JSON-ready lists: unit class centroids (cosine) or class means and variances (mahalanobis, feature_stats)."
     cs = [c for c in np.unique(targets)]
     sig = lambda a: [[float(f'{v:.6g}') for v in r] for r in np.atleast_2d(a)] # 6 significant digits
     if score=='cosine':
         u = _unit(feats)
         return dict(centroids=sig(_unit(np.stack([u[targets==c].mean(0) for c in cs]))))
-    if score=='mahalanobis':
+    if score in ('mahalanobis', 'feature_stats'):
         v = feats.var(0); v = v + 1e-3*v.mean() + 1e-12 # a floor, so a feature constant in training cannot dominate
         return dict(means=sig(np.stack([feats[targets==c].mean(0) for c in cs])), var=sig(v)[0])
     return {}
 
 def ood_scores(logits:np.ndarray, # (n, c) logits
-               score:str='cosine', # one of `OOD_SCORES`
-               feats:np.ndarray=None, # (n, d) penultimate features (feature scores)
+               score:str=OOD_DEFAULT, # one of `OOD_SCORES`
+               feats:np.ndarray=None, # (n, d) features (feature scores)
                stats:dict=None, # from `ood_stats` (feature scores)
               )->np.ndarray:
     "Out-of-distribution scores, higher meaning less like the training data."
     if score not in OOD_SCORES: raise ValueError(f"OOD score {score!r}: choose one of {', '.join(OOD_SCORES)}")
     if score=='energy': return (-torch.logsumexp(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1)).numpy()
     if score=='msp': return (1 - torch.softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1).max(1).values).numpy()
-    if feats is None or not stats: raise ValueError(f"OOD score {score!r} needs the penultimate features and the statistics from calibrate_ood")
+    if feats is None or not stats: raise ValueError(f"OOD score {score!r} needs the model's features and the statistics from calibrate_ood")
     f = np.asarray(feats, dtype=np.float64)
     if score=='cosine': return 1 - (_unit(f) @ np.asarray(stats['centroids']).T).max(1)
     m, v = np.asarray(stats['means']), np.asarray(stats['var'])
     return np.sqrt((((f[:, None, :] - m[None])**2)/v).mean(-1)).min(1)
 
 def calibrate_ood(run_dir:Path|str, # run folder
-                  score:str='cosine', # one of `OOD_SCORES`
+                  score:str=OOD_DEFAULT, # one of `OOD_SCORES`
                   pct:float=95., # percentile of the in-domain validation scores used as the threshold
                   split:str='valid', # split of split.csv to calibrate the threshold on
                   fit_split:str='train', # split the feature statistics are fitted on
@@ -424,13 +446,12 @@ def calibrate_ood(run_dir:Path|str, # run folder
         r = df[df.split==s].drop_duplicates('file').reset_index(drop=True)
         if not len(r): raise DataError(f"{run_dir/'split.csv'} has no '{s}' rows to calibrate the OOD flag on: use a larger valid_pct")
         return prepare_items(r, meta)
-    feat = score in FEATURE_SCORES
     stats = {}
-    if feat:
+    if score in FEATURE_SCORES:
         tr = rows(fit_split)
-        _, ftr = model_outputs(model, meta, tr, bs=bs, features=True)
+        _, ftr = model_outputs(model, meta, tr, bs=bs, score=score)
         stats = ood_stats(ftr, tr.label.astype(str).values, score)
-    z, f = model_outputs(model, meta, rows(split), bs=bs, features=True) if feat else (model_outputs(model, meta, rows(split), bs=bs), None)
+    z, f = model_outputs(model, meta, rows(split), bs=bs, score=score)
     s = ood_scores(z, score, f, stats)
     ood = dict(score=score, threshold=float(np.percentile(s, pct)), percentile=float(pct), split=split, n=int(len(s)), **stats)
     raw = json.loads((run_dir/'model.json').read_text()); raw['ood'] = ood
@@ -445,7 +466,7 @@ def score_items(model, # torch model in eval mode
     "`(logits, ood_scores)` of prepared items; the scores are `None` when the model has no OOD calibration."
     ood = meta.get('ood')
     if not ood: return model_outputs(model, meta, df, bs=bs), None
-    z, f = model_outputs(model, meta, df, bs=bs, features=ood['score'] in FEATURE_SCORES)
+    z, f = model_outputs(model, meta, df, bs=bs, score=ood['score'])
     return z, ood_scores(z, ood['score'], f, ood)
 
 def ood_summary(ood:dict, # the `ood` entry of model.json (or `None`)

@@ -33,7 +33,7 @@ TRAIN_DEFAULTS = dict(
     precision='auto', channels_last=True, balance=None, crop_border=False, pad=False,
     monitor='valid_loss', patience=None, save_best=False, export_pickle=False, num_workers=None,
     min_scale=0.75, max_rotate=180., max_lighting=0.2, max_hue=0.05,
-    cell_crop=None, robust_aug=False, ood_score='cosine', ood_pct=95.)
+    cell_crop=None, robust_aug=False, ood_score='feature_stats', ood_pct=95.)
 
 RECIPES = ('scratch', 'fine_tune', 'gradual', 'all_at_once')
 

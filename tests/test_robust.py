@@ -202,10 +202,11 @@ def test_train_records_robust_options(run):
     rec = json.loads((run/'record.json').read_text())
     assert rec['status'] == 'done' and rec['config']['cell_crop'] == 0.5 and rec['config']['robust_aug']
     assert rec['config']['max_hue'] == 0.1 and rec['config']['max_lighting'] == 0.3
-    assert rec['ood']['score'] == 'cosine' and 'centroids' not in rec['ood'] # the summary; statistics stay in model.json
+    assert rec['ood']['score'] == 'feature_stats' and 'means' not in rec['ood'] # the summary; statistics stay in model.json
     ood = meta['ood']
-    assert ood['score'] == 'cosine' and ood['percentile'] == 95 and np.isfinite(ood['threshold'])
-    assert np.array(ood['centroids']).shape[0] == len(meta['classes'])
+    assert ood['score'] == 'feature_stats' and ood['percentile'] == 95 and np.isfinite(ood['threshold'])
+    # class means of the last stage's per-channel mean and std: 2 x 512 statistics for a ResNet18
+    assert np.array(ood['means']).shape == (len(meta['classes']), 1024) and len(ood['var']) == 1024
     assert rec['final_metrics']['test']['n_images'] > 0
 
 
@@ -222,7 +223,24 @@ def test_ood_scores_known_values():
     mh = ood_scores(None, 'mahalanobis', np.array([[1., 1.], [30., 30.]]), st)
     assert mh[0] == pytest.approx(0.) and mh[1] > 10*mh[0] + 1
     with pytest.raises(ValueError, match='choose one of'): ood_scores(z, 'entropy')
-    with pytest.raises(ValueError, match='needs the penultimate features'): ood_scores(z, 'cosine')
+    with pytest.raises(ValueError, match="needs the model's features"): ood_scores(z, 'cosine')
+
+def test_feature_stats_capture():
+    "`feature_stats` reads timm's last feature stage (mean and std per channel); models without one use the penultimate features."
+    from bloodcell_fastai.models import create_model
+    m = create_model('resnet18', 3).eval()
+    assert stats_module(m) is m.layer4
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad(), capture_features(m, 'feature_stats') as f: m(x)
+    with torch.no_grad(): fmap = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(x))))))))
+    np.testing.assert_allclose(f[0].numpy(), torch.cat([fmap.mean((2, 3)), fmap.std((2, 3), correction=0)], 1).numpy(), atol=1e-5)
+    assert pooled_stats(torch.rand(2, 5, 7)).shape == (2, 14) # ViT tokens: (n, tokens, c)
+    with torch.no_grad(), capture_features(m, 'energy') as f: m(x)
+    assert f == [] # logit scores need no features
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert stats_module(mlp) is None
+    with torch.no_grad(), capture_features(mlp, 'feature_stats') as f: mlp(torch.rand(3, 12))
+    assert f[0].shape == (3, 4) # the input of the last linear layer
 
 def test_ood_separates_pbc_from_cnmc(run, cnmc_files):
     sp = pd.read_csv(run/'split.csv')
@@ -259,12 +277,18 @@ def test_predict_ood_and_cell_statuses(run, cnmc_files, tmp_path):
     assert tta.cell_found.all() and not np.allclose(tta[[f'prob_{c}' for c in meta['classes']]].values,
                                                    res[[f'prob_{c}' for c in meta['classes']]].iloc[:16].values)
 
-def test_calibrate_ood_other_scores(run):
-    for score in ('energy', 'mahalanobis'):
+def test_calibrate_ood_other_scores(run, cnmc_files):
+    sp = pd.read_csv(run/'split.csv')
+    valid = sp[sp.split=='valid'].reset_index(drop=True)
+    for score in ('energy', 'msp', 'mahalanobis', 'cosine'):
         ood = calibrate_ood(run, score)
         assert read_meta(run)['ood']['score'] == score and np.isfinite(ood['threshold'])
+        model, meta = load_safe(run)
+        z, s = score_items(model, meta, prepare_items(valid, meta)) # every score can be computed again from the meta
+        assert s.shape == (len(valid),) and ood['threshold'] == pytest.approx(np.percentile(s, 95))
+        assert predict(run, [str(f) for f in cnmc_files[:2]], n_workers=1).ood_score.notna().all()
     with pytest.raises(ValueError, match='choose one of'): calibrate_ood(run, 'entropy')
-    calibrate_ood(run, 'cosine') # back to what the other tests expect
+    calibrate_ood(run) # back to the default the other tests expect
 
 
 # --- restricted evaluation -----------------------------------------------------------------------------------------
