@@ -99,7 +99,11 @@ def main():
         for k,fs in others.items():
             row += [f"{_flagged(runs[v], fs)*100:.0f}%", f"{ood[v][k]:.3f}"]
         print(f"| {v} | " + " | ".join(row) + " |")
-    res = dict(args=vars(a), n_test=len(test), seconds=round(time.time()-t0),
+    paired = _paired(runs, variants, test)
+    if paired:
+        print(f"\nPaired on the same {len(test)} test images: {paired['first_only']} right only for {variants[0]}, "
+              f"{paired['second_only']} right only for {variants[-1]}; exact McNemar p = {paired['p_mcnemar']:.3f}")
+    res = dict(args=vars(a), n_test=len(test), seconds=round(time.time()-t0), paired=paired,
                shifts={v: tables[v].reset_index().to_dict(orient='records') for v in variants},
                test={v: recs[v]['final_metrics']['test']['accuracy'] for v in variants}, ood_auroc=ood)
     (out/'results.json').write_text(json.dumps(res, indent=1, default=float))
@@ -111,6 +115,21 @@ def _finished(run, cfg)->bool:
     try: rec = json.loads((Path(run)/'record.json').read_text())
     except (OSError, ValueError): return False
     return rec.get('status') == 'done' and all(rec['config'].get(k) == v for k,v in cfg.items() if k not in ('ood_score', 'num_workers'))
+
+
+def _paired(runs, variants, test)->dict:
+    "Exact McNemar test between the first and last variant's predictions on the same test images."
+    if len(variants) < 2: return {}
+    from scipy.stats import binomtest
+    from bloodcell_fastai.inference import load_safe, predict_probs, prepare_items
+    ok = []
+    for v in (variants[0], variants[-1]):
+        model, meta = load_safe(runs[v])
+        p = predict_probs(model, meta, prepare_items(test, meta))
+        ok.append(np.asarray(meta['classes'])[p.argmax(1)] == test.label.astype(str).values)
+    a, b = int((ok[0] & ~ok[1]).sum()), int((~ok[0] & ok[1]).sum())
+    return dict(first=variants[0], second=variants[-1], first_only=a, second_only=b,
+                p_mcnemar=float(binomtest(b, a+b, 0.5).pvalue) if a+b else 1.)
 
 
 def _flagged(run, files)->float:
