@@ -9,6 +9,7 @@ from pathlib import Path
 from collections import Counter, defaultdict
 import numpy as np, pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 from dataclasses import dataclass
 from fastcore.all import *
 from fastcore.parallel import parallel
@@ -22,9 +23,9 @@ __all__ = ['PBC_URL', 'BLOODMNIST_URL', 'DATASETS', 'MAX_PIXELS', 'IMAGE_EXTS', 
            'download_dataset', 'get_dataset_path', 'load_rgb', 'to_rgb', 'is_hidden', 'image_files', 'class_root',
            'folder_items', 'pbc_prefix', 'pbc_items', 'cnmc_subject', 'cnmc_items', 'allidb2_items', 'bloodmnist_items',
            'load_items', 'inspect_file', 'parent_label', 'audit', 'audit_summary', 'add_groups', 'split_items',
-           'study_subsets', 'atomic_write', 'save_split', 'load_split', 'crop_black_border', 'pad_square', 'presize',
-           'balance_items', 'load_cell', 'split_column', 'cell_tfms', 'cell_block', 'presize_for', 'cell_dataloaders',
-           'heldout_dl']
+           'study_subsets', 'atomic_write', 'save_split', 'load_split', 'crop_black_border', 'pad_square',
+           'presize_image', 'presize', 'balance_items', 'load_cell', 'split_column', 'cell_tfms', 'cell_block',
+           'presize_for', 'cell_dataloaders', 'heldout_dl']
 
 # %% ../nbs/00_data.ipynb #1c72d4e5
 class DataError(ValueError):
@@ -508,19 +509,31 @@ def pad_square(im:Image.Image, # RGB image
     return out
 
 # %% ../nbs/00_data.ipynb #bc64d03e
+def presize_image(im:Image.Image, # a decoded RGB image
+                  item_size:int, # side of the square
+                  crop_border:bool=False, # crop black borders first (C-NMC)
+                  pad:bool=False, # pad to a square before resizing
+                  cell_crop:float=None, # crop a square around the nucleated cell at this cell-to-frame ratio (07_robust)
+                 )->tuple:
+    "`(square, cell_box)`: the presize steps on one image; `cell_box` is `None` without a cell crop or when no cell is found."
+    box = None
+    if crop_border: im = crop_black_border(im)
+    if cell_crop:
+        from bloodcell_fastai.robust import cell_crop as _cell_crop # imported here: robust imports this module
+        im, box = _cell_crop(im, cell_crop)
+    if pad: im = pad_square(im)
+    return ImageOps.fit(im, (item_size,item_size), method=Image.Resampling.LANCZOS), box # centre square crop + resize
+
 def _presize_one(args):
-    fn, dest, item_size, crop, pad, *cell = args
-    if cell and cell[0]:
-        from bloodcell_fastai.robust import _presize_cell_one # the cell-centred crop (see 07_robust)
-        return _presize_cell_one((fn, dest, item_size, cell[0], crop, pad))
+    fn, dest, item_size, crop, pad, cell = args
     if Path(dest).exists(): return None
     try: im = load_rgb(fn)
     except DataError as e: return str(e)
-    if crop: im = crop_black_border(im)
-    if pad: im = pad_square(im)
-    im = ImageOps.fit(im, (item_size,item_size), method=Image.Resampling.LANCZOS) # centre square crop + resize
+    im, box = presize_image(im, item_size, crop, pad, cell)
+    info = None
+    if cell: info = PngInfo(); info.add_text('cell_box', json.dumps(box)) # read back by `robust.cached_cell_box`
     tmp = Path(dest).with_suffix(f'.tmp{os.getpid()}.png')
-    im.save(tmp, format='PNG', compress_level=1); os.replace(tmp, dest)
+    im.save(tmp, format='PNG', compress_level=1, pnginfo=info); os.replace(tmp, dest)
     return None
 
 def _cache_key(fn)->str:

@@ -8,7 +8,7 @@ import json, os, sys, warnings, subprocess, random, contextlib
 from functools import lru_cache
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from PIL import Image, ImageOps
+from PIL import Image
 from fastcore.all import *
 from fastcore.parallel import parallel
 from fastcore.script import call_parse, store_true
@@ -16,7 +16,7 @@ from fastai.vision.all import (Datasets, TfmdDL, Resize, ToTensor, IntToFloatTen
                                default_device, defaults)
 from fastai.vision.augment import AffineCoordTfm
 from .data import (DataError, load_rgb, load_cell, cell_tfms, presize, presize_for, atomic_write,
-                                   crop_black_border, pad_square, is_hidden)
+                                   presize_image, is_hidden)
 from .models import create_model, get_arch
 
 # %% auto #0
@@ -183,15 +183,11 @@ def read_cell_found(fn:Path, # image file
     fn = Path(fn)
     if not fn.exists(): raise DataError(f"{fn} does not exist: check the path")
     if fn.is_dir(): raise DataError(f"{fn} is a folder, not an image file: give the folder itself as IMAGES")
-    im, pre, found = load_rgb(fn), meta.get('preprocess') or {}, None
-    if pre.get('crop_border'): im = crop_black_border(im)
+    pre = meta.get('preprocess') or {}
     ratio = (pre.get('cell_crop') or {}).get('ratio')
-    if ratio: # the cell-centred crop of 07_robust, exactly as in its presize
-        from bloodcell_fastai.robust import cell_crop
-        im, box = cell_crop(im, float(ratio)); found = box is not None
-    if pre.get('pad'): im = pad_square(im)
-    s = meta.get('item_size') or presize_for(meta['size'])
-    return PILImage(ImageOps.fit(im, (s,s), method=Image.Resampling.LANCZOS)), found
+    im, box = presize_image(load_rgb(fn), meta.get('item_size') or presize_for(meta['size']), pre.get('crop_border', False),
+                            pre.get('pad', False), float(ratio) if ratio else None) # exactly the presize steps
+    return PILImage(im), (box is not None if ratio else None)
 
 def read_cell(fn:Path, # image file
               meta:dict, # the model's meta (item_size, preprocess)

@@ -4,11 +4,10 @@
 
 # %% ../nbs/07_robust.ipynb #f20d7d2e
 from __future__ import annotations
-import io, os, json, math, random, hashlib, warnings, contextlib
+import io, json, math, random, contextlib
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
-from PIL import Image, ImageOps
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image
 from scipy import ndimage as ndi
 from skimage.color import rgb2hed, rgb_from_hed, hed_from_rgb
 from skimage.filters import threshold_otsu
@@ -17,8 +16,7 @@ from skimage.morphology import disk
 from fastcore.all import *
 from fastcore.parallel import parallel
 from fastai.vision.all import RandTransform, TensorImage, PILImage, defaults
-from .data import (DataError, load_rgb, crop_black_border, pad_square, cache_dir, presize, presize_for,
-                                   cell_dataloaders, atomic_write, load_split)
+from .data import DataError, load_rgb, presize, cell_dataloaders, atomic_write, load_split
 from .inference import load_safe, infer_dl, cell_batch, prepare_items, _model_device
 
 # %% auto #0
@@ -162,20 +160,6 @@ def show_cell_crops(files:list, # image files
 
 # %% ../nbs/07_robust.ipynb #8151a208
 CELL_CROP_VERSION = 1 # part of the cache folder name: bump it when `find_cell` changes, so old crops are not reused
-
-def _presize_cell_one(args):
-    fn, dest, item_size, ratio, crop, pad = args
-    if Path(dest).exists(): return None
-    try: im = load_rgb(fn)
-    except DataError as e: return str(e)
-    if crop: im = crop_black_border(im)
-    im, box = cell_crop(im, ratio)
-    if pad: im = pad_square(im)
-    im = ImageOps.fit(im, (item_size,item_size), method=Image.Resampling.LANCZOS)
-    info = PngInfo(); info.add_text('cell_box', json.dumps(box))
-    tmp = Path(dest).with_suffix(f'.tmp{os.getpid()}.png')
-    im.save(tmp, format='PNG', compress_level=1, pnginfo=info); os.replace(tmp, dest)
-    return None
 
 def cached_cell_box(fn:Path|str, # a PNG written by `data.presize` with `cell_crop`
                    )->tuple|None:
