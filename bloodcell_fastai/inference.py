@@ -21,11 +21,11 @@ from .models import create_model, get_arch
 
 # %% auto #0
 __all__ = ['MODEL_FORMAT', 'REQUIRED_META', 'REFER', 'DEFAULT_THRESHOLD', 'ONNX_OPSET', 'ModelFileError', 'save_safe',
-           'read_meta', 'load_safe', 'load_learner_pickle', 'infer_dl', 'prepare_items', 'predict_probs', 'image_paths',
-           'read_cell_found', 'read_cell', 'read_cells', 'batch_pipe', 'cell_batch', 'predict_cells', 'decide',
-           'predict', 'predictions_bytes', 'write_predictions', 'summarise', 'export_onnx', 'OnnxModel', 'load_onnx',
-           'cam_layer', 'gradcam', 'gradcam_overlay', 'models_folder', 'find_models', 'bloodcell_predict',
-           'app_notebook', 'voila_command', 'app_kernel_path', 'app_env', 'bloodcell_app']
+           'read_meta', 'load_safe', 'load_learner_pickle', 'infer_dl', 'prepare_items', 'predict_logits',
+           'predict_probs', 'image_paths', 'read_cell_found', 'read_cell', 'read_cells', 'batch_pipe', 'cell_batch',
+           'predict_cells', 'decide', 'predict', 'predictions_bytes', 'write_predictions', 'summarise', 'export_onnx',
+           'OnnxModel', 'load_onnx', 'cam_layer', 'gradcam', 'gradcam_overlay', 'models_folder', 'find_models',
+           'bloodcell_predict', 'app_notebook', 'voila_command', 'app_kernel_path', 'app_env', 'bloodcell_app']
 
 # %% ../nbs/05_inference.ipynb #c4225b88
 MODEL_FORMAT = 1 # version of the model.json layout
@@ -139,6 +139,19 @@ def _model_device(model)->torch.device:
     p = next(iter(ps()), None) if ps else None
     return p.device if p is not None else torch.device('cpu')
 
+def predict_logits(model, # torch model in eval mode, or an `OnnxModel`
+              meta:dict, # its meta
+              df:pd.DataFrame, # items (already prepared with `prepare_items`, or raw files)
+              bs:int=64, # batch size
+              tta:bool=False, # the training augmentation (one random draw) instead of the validation transforms
+             )->np.ndarray:
+    "Raw logits `(n, c)` of every row, in batches, through the model's validation (or TTA) transforms."
+    dev, out = _model_device(model), []
+    with torch.inference_mode():
+        for (xb,) in infer_dl(df, meta, bs=bs, tta=tta):
+            out.append(torch.as_tensor(model(xb.to(dev).as_subclass(torch.Tensor))).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(meta['classes'])), np.float32)
+
 def predict_probs(model:torch.nn.Module, # model in eval mode
                   meta:dict, # its meta
                   df:pd.DataFrame, # items (already prepared with `prepare_items`, or raw files)
@@ -148,13 +161,7 @@ def predict_probs(model:torch.nn.Module, # model in eval mode
                  )->np.ndarray:
     "Class probabilities for every row, in batches, softmax of logits / temperature."
     t = float(temperature or meta.get('temperature') or 1.0)
-    dev = _model_device(model)
-    def _pass(tta):
-        out = []
-        with torch.inference_mode():
-            for (xb,) in infer_dl(df, meta, bs=bs, tta=tta):
-                out.append(torch.softmax(model(xb.to(dev)).float()/t, dim=1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, len(meta['classes'])), np.float32)
+    def _pass(tta): return torch.softmax(torch.from_numpy(predict_logits(model, meta, df, bs=bs, tta=tta))/t, dim=1).numpy()
     p = _pass(False)
     if n_tta: p = (p + sum(_pass(True) for _ in range(n_tta)))/(1+n_tta)
     return p
@@ -316,12 +323,10 @@ def predict(run, # run folder, or a `(model, meta)` pair from `load_safe` / `loa
     files = image_paths(images)
     threshold = float(threshold if threshold is not None else meta.get('threshold', DEFAULT_THRESHOLD))
     ood, crop = meta.get('ood'), bool((meta.get('preprocess') or {}).get('cell_crop'))
-    if ood:
-        from bloodcell_fastai.robust import FEATURE_SCORES, OOD_STATUS, NO_CELL_STATUS, ood_summary
-        if ood['score'] in FEATURE_SCORES and not isinstance(model, torch.nn.Module):
-            warnings.warn(f"OOD score {ood['score']!r} needs the torch model's features: no OOD flag with {type(model).__name__}")
-            ood = None
-    if crop and not ood: from bloodcell_fastai.robust import NO_CELL_STATUS
+    if ood or crop: from bloodcell_fastai.robust import FEATURE_SCORES, OOD_STATUS, NO_CELL_STATUS, ood_summary
+    if ood and ood['score'] in FEATURE_SCORES and not isinstance(model, torch.nn.Module):
+        warnings.warn(f"OOD score {ood['score']!r} needs the torch model's features: no OOD flag with {type(model).__name__}")
+        ood = None
     classes, chunk, parts = list(meta['classes']), max(bs*4, 64), []
     for i in range(0, len(files), chunk):
         fs = files[i:i+chunk]

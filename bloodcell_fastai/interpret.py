@@ -21,14 +21,14 @@ from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import to_np
 from sklearn.metrics import confusion_matrix
 from .data import DataError, atomic_write, load_split, load_items, load_rgb, cell_block, presize_for, add_groups
-from .inference import load_safe, read_meta, prepare_items, predict_probs, infer_dl
+from .inference import load_safe, read_meta, prepare_items, predict_probs, predict_logits, infer_dl
 from .metrics import expected_calibration_error, plot_reliability, encode_targets
 from .models import get_arch
 from .train import match_data_classes
 
 # %% auto #0
-__all__ = ['interpret_items', 'predict_logits', 'softmax_t', 'TemperatureScaled', 'interp_learner', 'CellInterpretation',
-           'cam_methods', 'cam_target_layer', 'token_reshape', 'model_inputs', 'denorm', 'class_cams', 'cam_overlay',
+__all__ = ['interpret_items', 'softmax_t', 'TemperatureScaled', 'interp_learner', 'CellInterpretation', 'cam_methods',
+           'cam_target_layer', 'token_reshape', 'model_inputs', 'denorm', 'class_cams', 'cam_overlay',
            'plot_class_cams', 'plot_top_loss_cams', 'conv_layers', 'layer_activations', 'activation_grid',
            'plot_activations', 'same_split', 'run_names', 'runs_predictions', 'error_overlap', 'overlap_counts',
            'show_items', 'label_issues', 'duplicate_conflicts', 'temperature_nll', 'fit_temperature',
@@ -51,17 +51,6 @@ def interpret_items(run_dir:Path|str, # run folder
     return prepare_items(df.assign(label=df.label.astype(str).map(cmap)), meta)
 
 # %% ../nbs/03_interpret.ipynb #727cfffb
-def predict_logits(model:nn.Module, # model in eval mode
-                   meta:dict, # its meta
-                   df:pd.DataFrame, # items (prepared with `prepare_items`, or raw files)
-                   bs:int=64, # batch size
-                  ) -> np.ndarray: # (n, c) logits
-    "Raw class scores (logits) of every row, in batches, with the model's validation transforms."
-    dev, out = next(model.parameters()).device, []
-    with torch.inference_mode():
-        for (xb,) in infer_dl(df, meta, bs=bs): out.append(model(xb.to(dev)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(meta['classes'])), np.float32)
-
 def softmax_t(logits:np.ndarray, # (n, c) logits
               temperature:float=1.0, # divide the logits by this first
              ) -> np.ndarray:

@@ -17,7 +17,7 @@ from fastcore.all import *
 from fastcore.parallel import parallel
 from fastai.vision.all import RandTransform, TensorImage, PILImage, defaults
 from .data import DataError, load_rgb, presize, cell_dataloaders, atomic_write, load_split
-from .inference import load_safe, infer_dl, cell_batch, prepare_items, _model_device
+from .inference import load_safe, predict_logits, prepare_items
 
 # %% auto #0
 __all__ = ['CELL_RATIO', 'CELL_CROP_VERSION', 'CROP_COVER', 'ROBUST_AUG_CFG', 'LOGIT_SCORES', 'FEATURE_SCORES', 'OOD_SCORES',
@@ -366,18 +366,12 @@ def capture_features(model, # torch model
 
 def model_outputs(model, # torch model in eval mode (or an `OnnxModel` when `score` is None)
                   meta:dict, # its meta
-                  df:pd.DataFrame=None, # items prepared with `inference.prepare_items`, or
-                  ims:list=None, # preprocessed images from `inference.read_cell`
+                  df:pd.DataFrame, # items prepared with `inference.prepare_items`
                   bs:int=64, # batch size
                   score:str=None, # an OOD score: also return the features it needs
                  ):
-    "Raw logits `(n, c)` through the model's validation transforms; with `score`, `(logits, features)` (`None` for logit scores)."
-    dev, out = _model_device(model), []
-    batches = ((xb for (xb,) in infer_dl(df, meta, bs=bs)) if df is not None else
-               (cell_batch(ims[i:i+bs], meta, device=dev) for i in range(0, len(ims), bs)))
-    with torch.inference_mode(), capture_features(model, score) as feats:
-        for xb in batches: out.append(torch.as_tensor(model(xb.to(dev).as_subclass(torch.Tensor))).float().cpu())
-    z = torch.cat(out).numpy() if out else np.zeros((0, len(meta['classes'])), np.float32)
+    "Raw logits `(n, c)` (`inference.predict_logits`); with `score`, `(logits, features)` (`None` for logit scores)."
+    with capture_features(model, score) as feats: z = predict_logits(model, meta, df, bs=bs)
     if score is None: return z
     if score not in FEATURE_SCORES: return z, None
     return z, (torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32))
@@ -494,7 +488,7 @@ def make_shifts(df:pd.DataFrame, # items with `file` and `label` (the held-out t
                 n_workers:int=None, # threads
                )->pd.DataFrame:
     "Write shifted copies of every image, losslessly (PNG); returns the items with `shift` and the new `file`."
-    out, rows = Path(out), []
+    out = Path(out)
     def _one(a):
         i, f, k = a
         dest = out/k/f"{i:05d}_{Path(f).stem}.png"
