@@ -9,7 +9,7 @@ export BLOODCELL_DATA
 # torch above 2.14.1 must never be picked; the CUDA build also runs on CPUs.
 TORCH_PIN := "torch>=2.1,<=2.14.1" "torchvision<=0.29.1"
 
-.PHONY: venv browser demo test sync-check clean-check nbtest pytest docs-check export clean app bench
+.PHONY: data-check venv browser demo test sync-check clean-check nbtest pytest docs-check export clean app bench
 
 $(VENV)/.installed: settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +26,12 @@ demo: venv
 	$(BIN)/bloodcell demo --out runs/demo
 
 ## make test: library in sync with notebooks, notebooks clean, nbdev_test, pytest
-test: venv browser sync-check clean-check nbtest pytest docs-check
+test: data-check venv browser sync-check clean-check nbtest pytest docs-check
+
+## the tests and notebooks run on the real sample data, which they never download: say so before installing anything
+data-check:
+	@test -n "$(BLOODCELL_DATA)" && test -d "$(BLOODCELL_DATA)/pbc" && test -d "$(BLOODCELL_DATA)/cnmc" && test -d "$(BLOODCELL_DATA)/allidb2" || \
+	  { echo "FAIL: make test needs the sample data: set BLOODCELL_DATA to a folder holding pbc/, cnmc/ and allidb2/ (BLOODCELL_DATA='$(BLOODCELL_DATA)'; CI puts it in ../shared/data beside the checkout)"; exit 2; }
 
 ## Debian's chromium for the app's browser test (installed only when missing; never `playwright install`)
 browser:
