@@ -17,10 +17,14 @@ import argparse, json, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1])) # this checkout's package, not an installed copy
 import numpy as np, pandas as pd
-from bloodcell_fastai.data import data_root, load_split, presize_for
+from bloodcell_fastai.core import data_root
+from bloodcell_fastai.data import load_split, presize_for
 from bloodcell_fastai.train import train
-from bloodcell_fastai.data import atomic_write
-from bloodcell_fastai.robust import calibrate_ood, ood_summary, make_shifts, shift_accuracy, ood_auroc, SHIFTS, CELL_RATIO
+from bloodcell_fastai.core import atomic_write
+from bloodcell_fastai.calibrate import calibrate_ood
+from bloodcell_fastai.ood import ood_summary
+from bloodcell_fastai.shifts import make_shifts, shift_accuracy, ood_auroc, SHIFTS
+from bloodcell_fastai.imaging import CELL_RATIO
 
 VARIANTS = dict(baseline=dict(cell_crop=None, robust_aug=False), crop=dict(cell_crop=CELL_RATIO, robust_aug=False),
                 aug=dict(cell_crop=None, robust_aug=True), robust=dict(cell_crop=CELL_RATIO, robust_aug=True))
@@ -121,7 +125,8 @@ def _paired(runs, variants, test)->dict:
     "Exact McNemar test between the first and last variant's predictions on the same test images."
     if len(variants) < 2: return {}
     from scipy.stats import binomtest
-    from bloodcell_fastai.inference import load_safe, predict_probs, prepare_items
+    from bloodcell_fastai.export import load_safe
+from bloodcell_fastai.inference import predict_probs, prepare_items
     ok = []
     for v in (variants[0], variants[-1]):
         model, meta = load_safe(runs[v])

@@ -8,7 +8,7 @@ __all__ = ['ARCHS', 'CNNScratch', 'LeNet5', 'Arch', 'register_arch', 'get_arch',
            'create_model', 'param_groups', 'bloodcell_splitter', 'model_splitter', 'bloodcell_learner', 'count_groups',
            'trainable_groups']
 
-# %% ../nbs/01_models.ipynb #d90e4a32
+# %% ../nbs/01_models.ipynb #c118335d
 import sys, re, warnings, difflib, argparse, contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,14 +30,15 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.transforms import get_c
 from fastai.vision.core import imagenet_stats
+from .core import BloodcellError, ModelFileError
 
-# %% ../nbs/01_models.ipynb #ba0d7f53
+# %% ../nbs/01_models.ipynb #65b4b526
 def _conv_pool(ni:int, nf:int, bn:bool=True) -> nn.Sequential:
     "3x3 conv (+BatchNorm) + ReLU, then a 2x2 max-pool"
     return nn.Sequential(nn.Conv2d(ni, nf, 3, padding=1, bias=not bn), *([nn.BatchNorm2d(nf)] if bn else []),
                          nn.ReLU(inplace=True), nn.MaxPool2d(2))
 
-# %% ../nbs/01_models.ipynb #f3543e4b
+# %% ../nbs/01_models.ipynb #f8fa83fb
 class CNNScratch(nn.Sequential):
     "C-NMC's 'CNN from scratch': conv 32→64→128→256, each followed by max-pool, then dense + dropout"
     def __init__(self,
@@ -54,7 +55,7 @@ class CNNScratch(nn.Sequential):
                            nn.ReLU(inplace=True), nn.Dropout(p))
         super().__init__(OrderedDict(**convs, fc=fc, head=nn.Linear(hidden, n_out)))
 
-# %% ../nbs/01_models.ipynb #eed57c51
+# %% ../nbs/01_models.ipynb #8f581c8b
 class LeNet5(nn.Sequential):
     "LeNet-5 for 3-channel images of any size: adaptive pooling feeds the classic 16·5·5 → 120 → 84 head"
     def __init__(self,
@@ -67,7 +68,7 @@ class LeNet5(nn.Sequential):
             fc=nn.Sequential(nn.AdaptiveAvgPool2d(5), nn.Flatten(), nn.Linear(16*5*5, 120), act(), nn.Linear(120, 84), act()),
             head=nn.Linear(84, n_out)))
 
-# %% ../nbs/01_models.ipynb #bd38033a
+# %% ../nbs/01_models.ipynb #fd77228f
 @dataclass
 class Arch:
     "One registry entry: how to build a model and what input it expects"
@@ -80,6 +81,12 @@ class Arch:
     kwargs:dict=field(default_factory=dict) # extra arguments for timm/the builder (e.g. `depth=2`, `chop_last=True`)
     note:str='' # one line for the docs table
 
+    @property
+    def is_cnn(self)->bool: return self.family in ('cnn', 'baseline') # convolutional: spatial feature maps, channels-last helps
+    @property
+    def is_transformer(self)->bool: return self.family in ('vit', 'mixer') # tokens on a patch grid
+
+# %% ../nbs/01_models.ipynb #adee26d2
 ARCHS = {}
 
 def register_arch(arch:Arch, # the entry to add, keyed by `arch.key`
@@ -88,7 +95,7 @@ def register_arch(arch:Arch, # the entry to add, keyed by `arch.key`
     ARCHS[arch.key] = arch
     return arch
 
-# %% ../nbs/01_models.ipynb #fdb5018e
+# %% ../nbs/01_models.ipynb #52dd42e4
 for _n in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'): register_arch(Arch(_n, _n, 'cnn'))
 register_arch(Arch('resnet50_chopped', 'resnet50', 'cnn', kwargs=dict(chop_last=True),
                    note="C-NMC: layer4 dropped, head on layer3's 1024 channels"))
@@ -108,7 +115,7 @@ register_arch(Arch('vit_tiny_2blocks', 'vit_tiny_patch16_224', 'vit', fixed_size
 register_arch(Arch('cnn_scratch', None, 'baseline', size=128, builder=CNNScratch, note='C-NMC CNN from scratch'))
 register_arch(Arch('lenet5', None, 'baseline', size=32, builder=LeNet5, note='LeNet-5, any input size'))
 
-# %% ../nbs/01_models.ipynb #988c6ba3
+# %% ../nbs/01_models.ipynb #ba4329a1
 def _family(name:str, cfg) -> str:
     "Guess the family of a timm model outside the registry"
     if 'mixer' in name: return 'mixer'
@@ -128,14 +135,14 @@ def get_arch(arch:str|Arch, # a registry key, a timm model name, or an `Arch` (r
     close = difflib.get_close_matches(arch, list(ARCHS) + timm.list_models(), n=5)
     raise KeyError(f"Unknown architecture {arch!r}: not a registry key nor a timm model. Did you mean one of {close}?")
 
-# %% ../nbs/01_models.ipynb #6dee847e
+# %% ../nbs/01_models.ipynb #34d0858b
 def list_archs() -> pd.DataFrame:
     "The registry as a table: key, timm name, family, size, fixed size, normalisation mean, note"
     rows = [dict(key=a.key, timm_name=a.timm_name or f'{a.builder.__name__} (baseline)', family=a.family, size=a.size,
                  fixed_size=a.fixed_size, mean=tuple(model_stats(a)[0]), note=a.note) for a in ARCHS.values()]
     return pd.DataFrame(rows).set_index('key')
 
-# %% ../nbs/01_models.ipynb #3fc0d26f
+# %% ../nbs/01_models.ipynb #9a2ffc7c
 def model_stats(arch:str|Arch, # registry key or timm name
                 pretrained:bool|str|PathLike=True # accepted for symmetry with `create_model`; stats depend on `arch` only
                ) -> tuple: # `(mean, std)`, lists of 3 floats, for `Normalize.from_stats`
@@ -145,14 +152,14 @@ def model_stats(arch:str|Arch, # registry key or timm name
     if cfg is None or cfg.mean is None: return list(imagenet_stats[0]), list(imagenet_stats[1])
     return list(cfg.mean), list(cfg.std)
 
-# %% ../nbs/01_models.ipynb #be7452ee
-class WeightsUnavailableError(RuntimeError):
+# %% ../nbs/01_models.ipynb #023bd35c
+class WeightsUnavailableError(BloodcellError):
     "timm's pretrained weights for a model could not be fetched (typically: this machine is offline)"
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelFileError):
     "A local checkpoint that cannot be read or does not fit the model"
 
-# %% ../nbs/01_models.ipynb #55081b05
+# %% ../nbs/01_models.ipynb #f66a17ef
 def _unwrap(obj):
     "The state_dict inside a checkpoint object: timm EMA/`state_dict`, fastai/`model` wrappers, DDP/compile prefixes"
     if isinstance(obj, dict):
@@ -181,7 +188,7 @@ def read_state_dict(path:str|PathLike # a `.pth/.pt/.bin` checkpoint or a `.safe
         raise CheckpointError(f"{path} does not hold a state_dict (a non-empty dict of tensors)")
     return sd
 
-# %% ../nbs/01_models.ipynb #d822a3a4
+# %% ../nbs/01_models.ipynb #dc538a48
 def _classifier_names(model:nn.Module) -> tuple:
     "Module names of `model`'s classifier: timm's `pretrained_cfg['classifier']`, else the last `nn.Linear`"
     c = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
@@ -193,7 +200,7 @@ def _under(k:str, prefixes) -> bool: return any(k == p or k.startswith(p + '.') 
 
 def _show(keys, n=5) -> str: return ', '.join(keys[:n]) + (f' ... (+{len(keys)-n} more)' if len(keys) > n else '')
 
-# %% ../nbs/01_models.ipynb #74a56650
+# %% ../nbs/01_models.ipynb #3113104f
 def load_checkpoint(model:nn.Module, # the freshly created model
                     path:str|PathLike, # local checkpoint (`.pth/.pt/.bin/.safetensors`)
                     strict:bool=True, # missing/unexpected keys (other than a re-initialised head) raise; `False`: warn
@@ -230,7 +237,7 @@ def load_checkpoint(model:nn.Module, # the freshly created model
     return dict(source=str(Path(path).expanduser().resolve()), loaded=len(loaded), reinitialised=reinit,
                 missing=missing, unexpected=unexpected, ignored=ignored)
 
-# %% ../nbs/01_models.ipynb #faf112c1
+# %% ../nbs/01_models.ipynb #355f2705
 def chop_resnet(model:nn.Module, # a timm `ResNet`
                 n_out:int # outputs of the new head
                ) -> nn.Module:
@@ -243,7 +250,7 @@ def chop_resnet(model:nn.Module, # a timm `ResNet`
     model.reset_classifier(n_out)
     return model
 
-# %% ../nbs/01_models.ipynb #3221553a
+# %% ../nbs/01_models.ipynb #5d78e30b
 def _hub_source(cfg) -> str:
     "Where timm fetches the weights described by `cfg` (a Hugging Face URL or a plain URL), '' if none"
     if cfg is None: return ''
@@ -267,7 +274,7 @@ def _timm_pretrained(a:Arch, n_out:int, kw:dict) -> tuple:
             f"(timm caches the weights), or download the checkpoint from {src} on another machine, copy it here and "
             f"pass its path: create_model({a.key!r}, n_out, pretrained='path/to/model.safetensors').") from e
 
-# %% ../nbs/01_models.ipynb #198a7a8d
+# %% ../nbs/01_models.ipynb #871b9e11
 def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm model name
                  n_out:int, # number of outputs (classes)
                  pretrained:bool|str|PathLike=False, # `True`: timm's ImageNet weights; `False`: random; a path: local checkpoint
@@ -301,7 +308,7 @@ def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm mo
     model.arch_kwargs = dict(n_out=n_out, img_size=img_size, chop_last=chop, **kwargs)
     return model
 
-# %% ../nbs/01_models.ipynb #8c4448e4
+# %% ../nbs/01_models.ipynb #4722f239
 def _group_name(names:list) -> str:
     "A readable group name: the common module prefix up to its first index (`layer1`, `blocks.3`), else the modules joined"
     pre = []
@@ -347,7 +354,7 @@ def _child_groups(model:nn.Module) -> dict:
     for n, _ in model.named_parameters(): groups.setdefault(n.split('.')[0], []).append(n)
     return groups
 
-# %% ../nbs/01_models.ipynb #9d2d493d
+# %% ../nbs/01_models.ipynb #2a74989f
 def param_groups(model:nn.Module, # a model built by `create_model` (timm, VGG or a baseline)
                 ) -> dict:
     "`{group name: [parameter names]}` from stem to head; every parameter in exactly one group"
@@ -371,7 +378,7 @@ def model_splitter(arch:str|Arch=None, # checked against the registry if given; 
     if arch is not None: get_arch(arch)  # fail early on unknown names
     return bloodcell_splitter
 
-# %% ../nbs/01_models.ipynb #5e90364f
+# %% ../nbs/01_models.ipynb #afe0e770
 @delegates(Learner.__init__, but=['splitter'])
 def bloodcell_learner(dls, # `DataLoaders`, normalised with `model_stats(arch)`
                       arch:str|Arch, # registry key or timm name
@@ -395,7 +402,7 @@ def bloodcell_learner(dls, # `DataLoaders`, normalised with `model_stats(arch)`
     if model.pretrained_source is not None: learn.freeze()
     return learn
 
-# %% ../nbs/01_models.ipynb #970f2c75
+# %% ../nbs/01_models.ipynb #f70d7490
 def count_groups(learn:Learner, # a learner with a splitter
                 ) -> int:
     "Number of parameter groups the learner's splitter makes"

@@ -45,7 +45,7 @@ def run(tmp_path_factory, data_root): return tiny_run(tmp_path_factory)
 @pytest.fixture(scope='module')
 def server(run, tmp_path_factory):
     "Voila serving nbs/app.ipynb with the tiny model, started by the same command `bloodcell app` uses."
-    from bloodcell_fastai.inference import voila_command, app_env
+    from bloodcell_fastai.app import voila_command, app_env
     port, log = free_port(), tmp_path_factory.mktemp('voila')/'voila.log'
     cmd = voila_command(REPO/'nbs'/'app.ipynb', port=port, max_upload_mb=MAX_MB)
     with open(log, 'w') as f:
@@ -86,7 +86,8 @@ def text(loc)->str:
 
 def readable(pbc_sample, cls, n=1)->list:
     "The first `n` sample files of a class that really are images (the shared sample also holds debris)."
-    from bloodcell_fastai.data import inspect_file, is_hidden
+    from bloodcell_fastai.data import inspect_file
+from bloodcell_fastai.imaging import is_hidden
     return [f for f in pbc_sample[cls] if not is_hidden(Path(f.name)) and inspect_file(f)['status']=='ok'][:n]
 
 def classify(pg):

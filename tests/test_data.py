@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 from bloodcell_fastai.data import *
-from bloodcell_fastai.data import DataError, DATASETS, _md5
+from bloodcell_fastai.core import DataError
+from bloodcell_fastai.data import DATASETS, _md5
 
 
 # ---------------------------------------------------------------- fixtures

@@ -3,8 +3,9 @@ import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from fastcore.script import anno_parser
-from bloodcell_fastai.data import DataError
-from bloodcell_fastai.inference import load_safe, read_meta, predict_probs, prepare_items
+from bloodcell_fastai.core import DataError
+from bloodcell_fastai.export import load_safe, read_meta
+from bloodcell_fastai.inference import predict_probs, prepare_items
 from bloodcell_fastai.metrics import encode_targets
 from bloodcell_fastai.interpret import save_temperature
 from bloodcell_fastai.ensemble import *

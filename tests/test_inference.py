@@ -5,9 +5,11 @@ import numpy as np, pandas as pd
 from PIL import Image
 import pytest
 from fastcore.script import anno_parser
-from bloodcell_fastai.data import DataError, inspect_file, is_hidden, presize
+from bloodcell_fastai.core import DataError
+from bloodcell_fastai.data import inspect_file, presize
+from bloodcell_fastai.imaging import is_hidden
 from bloodcell_fastai.inference import *
-from bloodcell_fastai.inference import ModelFileError
+from bloodcell_fastai.core import ModelFileError
 from conftest import tiny_run
 
 

@@ -3,8 +3,11 @@ import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from fastcore.script import anno_parser
-from bloodcell_fastai.data import DataError, audit
-from bloodcell_fastai.inference import load_safe, read_meta, predict_probs, predict_logits, ModelFileError
+from bloodcell_fastai.core import DataError
+from bloodcell_fastai.data import audit
+from bloodcell_fastai.export import load_safe, read_meta
+from bloodcell_fastai.inference import predict_probs, predict_logits
+from bloodcell_fastai.core import ModelFileError
 from bloodcell_fastai.metrics import simulate_probs
 from bloodcell_fastai.models import create_model
 from bloodcell_fastai.interpret import *

@@ -10,9 +10,7 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import norm_bias_params
 from fastai.vision.core import imagenet_stats
 
-from bloodcell_fastai.models import (ARCHS, Arch, CheckpointError, WeightsUnavailableError, bloodcell_learner,
-    bloodcell_splitter, count_groups, create_model, get_arch, list_archs, model_splitter, model_stats, param_groups,
-    read_state_dict, trainable_groups)
+from bloodcell_fastai.models import ARCHS, Arch, CheckpointError, WeightsUnavailableError, bloodcell_learner, bloodcell_splitter, count_groups, create_model, get_arch, list_archs, model_splitter, model_stats, param_groups, read_state_dict, trainable_groups
 
 SMALL = ['resnet18', 'mobilenetv2', 'mobilenetv3_small', 'vit_tiny_2blocks', 'cnn_scratch', 'lenet5']
 BIG = ['vit_large_patch16_224', 'vit_large_patch32_224', 'convnext_large', 'resnet152', 'vgg16_bn', 'mixer_b16_224']

@@ -6,11 +6,19 @@ import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from skimage.color import rgb2hed
 from fastai.vision.all import PILImage, TensorImage
-from bloodcell_fastai.robust import *
-from bloodcell_fastai.data import load_rgb, load_items, DataError, split_items, presize, cell_dataloaders
-from bloodcell_fastai.inference import load_safe, predict_probs, read_meta, read_cell_found, prepare_items, predict
+from bloodcell_fastai.imaging import *
+from bloodcell_fastai.augment import *
+from bloodcell_fastai.ood import *
+from bloodcell_fastai.calibrate import calibrate_ood
+from bloodcell_fastai.shifts import *
+from bloodcell_fastai.imaging import load_rgb
+from bloodcell_fastai.data import load_items, split_items, presize, cell_dataloaders
+from bloodcell_fastai.core import DataError
+from bloodcell_fastai.export import load_safe, read_meta
+from bloodcell_fastai.inference import predict_probs, read_cell_found, prepare_items, predict
 from bloodcell_fastai.metrics import restrict_probs
-from bloodcell_fastai.train import train, evaluate_run
+from bloodcell_fastai.train import train
+from bloodcell_fastai.evaluate import evaluate_run
 
 TINY = dict(size=48, bs=16, epochs=2, lr=2e-3, num_workers=0, precision='fp32', sample=10)
 WHITE = ['basophil', 'eosinophil', 'lymphocyte', 'monocyte', 'neutrophil'] # the other lab's five classes

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 import bloodcell_fastai.study as S
-from bloodcell_fastai.data import load_items, split_items, load_split, atomic_write
-from bloodcell_fastai.study import (load_study_config, study_runs, train_on_split, run_status, split_key, read_record,
-                                    run_study, study_results, read_results, bloodcell_study, StudyError)
+from bloodcell_fastai.data import load_items, split_items, load_split
+from bloodcell_fastai.core import atomic_write
+from bloodcell_fastai.study import load_study_config, study_runs, train_on_split, run_status, split_key, read_record, run_study, study_results, read_results, StudyError
+from bloodcell_fastai.cli import bloodcell_study
 
 STUDIES = Path(__file__).resolve().parents[1]/'studies'
 torch.set_num_threads(1)  # tiny models; two OpenMP threads spin-wait on a busy shared CPU

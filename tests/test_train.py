@@ -3,11 +3,14 @@ import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from fastai.vision.all import Callback, CancelFitException
-from bloodcell_fastai.data import DataError, folder_items
+from bloodcell_fastai.core import DataError
+from bloodcell_fastai.data import folder_items
 from bloodcell_fastai.models import create_model, trainable_groups, count_groups
 from bloodcell_fastai.train import *
 from bloodcell_fastai.train import run_learner, run_dataloaders, run_stages
-from bloodcell_fastai.inference import load_safe, predict_probs, prepare_items, ModelFileError
+from bloodcell_fastai.export import load_safe
+from bloodcell_fastai.inference import predict_probs, prepare_items
+from bloodcell_fastai.core import ModelFileError
 
 TINY = dict(dataset='folder', size=32, bs=8, lr=2e-3, num_workers=0, valid_pct=0.25, test_pct=0.25, precision='fp32')
 
