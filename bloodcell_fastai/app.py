@@ -15,7 +15,8 @@ __all__ = ['UPLOAD_FIX', 'app_notebook', 'voila_command', 'app_kernel_path', 'ap
 # %% ../nbs/08_app.ipynb #1ea70e65
 def app_notebook()->Path:
     "The app notebook of a source checkout (`nbs/app.ipynb` next to the package)."
-    return Path(__file__).resolve().parents[1]/'nbs'/'app.ipynb'
+    import bloodcell_fastai
+    return Path(bloodcell_fastai.__file__).resolve().parents[1]/'nbs'/'app.ipynb'
 
 # %% ../nbs/08_app.ipynb #5e3b86e4
 def voila_command(notebook:Path|str=None, # the app notebook; default `app_notebook()`

@@ -5,7 +5,6 @@
 # %% ../nbs/09_cli.ipynb #cb8cc86a
 from __future__ import annotations
 import sys, json, os, subprocess, traceback, warnings
-warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
 from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse, anno_parser, store_true, Param

@@ -52,7 +52,8 @@ def atomic_write(fn:Path, # destination file
     return fn
 
 # %% ../nbs/00_core.ipynb #5bd59fbe
-def jsonable(o):
+def jsonable(o, # a value `json` cannot encode by itself
+            ):
     "Paths and NumPy scalars as JSON values (for `json.dumps(default=jsonable)`)."
     if isinstance(o, Path): return str(o)
     if isinstance(o, np.integer): return int(o)

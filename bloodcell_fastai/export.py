@@ -42,8 +42,10 @@ class ModelMeta:
     weights:dict=None # where the starting weights came from
     format:int=MODEL_FORMAT
 
+    def __post_init__(self):
+        if self.presize is None: self.presize = presize_for(self.size)
     @property
-    def item_size(self)->int: return int(self.presize or presize_for(self.size))
+    def item_size(self)->int: return int(self.presize)
     @property
     def crop_border(self)->bool: return bool(self.preprocess.get('crop_border'))
     @property
@@ -69,7 +71,8 @@ def meta_from_dict(d:dict, # the parsed model.json
     if 'item_size' in d: kw['presize'] = d['item_size']
     return ModelMeta(**kw)
 
-def meta_to_dict(meta:ModelMeta)->dict:
+def meta_to_dict(meta:ModelMeta, # the record to store
+                )->dict:
     "The JSON layout of `model.json` (format first)."
     d = asdict(meta); d['item_size'] = meta.item_size; d.pop('presize')
     return {'format': d.pop('format'), **d}
@@ -77,12 +80,15 @@ def meta_to_dict(meta:ModelMeta)->dict:
 # %% ../nbs/03_export.ipynb #769314cf
 def read_meta(run_dir:Path, # run folder holding model.json
              )->ModelMeta:
-    "Read and check a run folder's `model.json`."
+    "Read and check a run folder's `model.json` (format, required keys, a known architecture)."
     fn = Path(run_dir)/'model.json'
     if not fn.exists(): raise ModelFileError(f"{fn} not found: {run_dir} is not a bloodcell run folder (train one with `bloodcell train`)")
     try: d = json.loads(fn.read_text())
     except Exception as e: raise ModelFileError(f"{fn} is not valid JSON ({e}): the file is damaged; re-export the model") from None
-    return meta_from_dict(d, fn)
+    meta = meta_from_dict(d, fn)
+    try: get_arch(meta.arch)
+    except KeyError: raise ModelFileError(f"{fn} names architecture {meta.arch!r}, which this version does not know: fix 'arch', or upgrade bloodcell_fastai") from None
+    return meta
 
 # %% ../nbs/03_export.ipynb #a98283f9
 def write_meta(run_dir:Path, # run folder
@@ -137,8 +143,6 @@ def load_safe(run_dir:Path, # run folder with model.safetensors + model.json
         raise ModelFileError(f"{fn} cannot be read ({e}): the file is truncated or not a safetensors file; copy it again") from None
     kw = dict(meta.arch_kwargs or {})
     n_out = kw.pop('n_out', len(meta.classes))
-    try: get_arch(meta.arch)
-    except KeyError as e: raise ModelFileError(f"{run_dir/'model.json'} names architecture {meta.arch!r}, which this version does not know ({str(e).strip(chr(39))}): upgrade bloodcell_fastai or fix 'arch'") from None
     model = create_model(meta.arch, n_out, pretrained=False, **{k:v for k,v in kw.items() if v is not None})
     try: model.load_state_dict(sd)
     except RuntimeError as e:

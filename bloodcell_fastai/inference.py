@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_inference.ipynb #318ad939
 from __future__ import annotations
-import random, contextlib, warnings
+import io, random, contextlib, warnings
 from functools import lru_cache
 from pathlib import Path
 import numpy as np, pandas as pd, torch

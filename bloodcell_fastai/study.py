@@ -7,8 +7,8 @@ from __future__ import annotations
 import os, json, time, shutil, hashlib, inspect, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from .core import ConfigError, DataError, atomic_write, jsonable
-from .data import load_items, load_split, save_split, split_items, study_subsets
+from .core import ConfigError, DataError, atomic_write, jsonable, cache_dir
+from .data import load_items, load_split, save_split, split_items, study_subsets, STUDY_SIZES
 from .models import get_arch
 from .train import train, train_config
 

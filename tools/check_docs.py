@@ -21,7 +21,7 @@ EXTERNAL = ('http://', 'https://', 'mailto:', 'ftp://', 'data:')
 
 
 def page_name(nb: Path) -> str:
-    "The HTML page nbdev/Quarto make of a notebook: `00_data.ipynb` -> `data.html`, `index.ipynb` -> `index.html`."
+    "The HTML page nbdev/Quarto make of a notebook: `02_data.ipynb` -> `data.html`, `index.ipynb` -> `index.html`."
     return re.sub(r'^\d+[a-z]?_', '', nb.stem) + '.html'
 
 

@@ -1,6 +1,6 @@
 """Execute notebooks the way `nbdev_test` does and save their outputs, so the docs show real outputs from this machine.
 
-    BLOODCELL_DATA=../shared/data .venv/bin/python tools/run_nbs.py [nbs/00_data.ipynb ...]
+    BLOODCELL_DATA=../shared/data .venv/bin/python tools/run_nbs.py [nbs/02_data.ipynb ...]
     .venv/bin/nbdev_clean        # then clean (execution counts, metadata) before committing
 
 Large PNG outputs (figure grids, CAM overlays) are re-encoded as JPEG so notebooks stay small in git
