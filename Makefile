@@ -9,7 +9,7 @@ export BLOODCELL_DATA
 # torch above 2.14.1 must never be picked; the CUDA build also runs on CPUs.
 TORCH_PIN := "torch>=2.1,<=2.14.1" "torchvision<=0.29.1"
 
-.PHONY: data-check venv browser demo test sync-check clean-check nbtest pytest docs-check export clean app bench
+.PHONY: data-check venv browser demo test sync-check clean-check layers-check nbtest pytest docs-check export clean app bench
 
 $(VENV)/.installed: settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,8 +25,8 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/bloodcell demo --out runs/demo
 
-## make test: library in sync with notebooks, notebooks clean, nbdev_test, pytest
-test: data-check venv browser sync-check clean-check nbtest pytest docs-check
+## make test: library in sync with notebooks, notebooks clean, imports point down the layers, nbdev_test, pytest, docs
+test: data-check venv browser sync-check clean-check layers-check nbtest pytest docs-check
 
 ## the tests and notebooks run on the real sample data, which they never download: say so before installing anything
 data-check:
@@ -45,6 +45,10 @@ sync-check: venv
 clean-check: venv
 	$(BIN)/nbdev_clean
 	@git diff --quiet -- nbs || { git diff --stat -- nbs; echo "FAIL: notebooks are not clean: run nbdev_clean and commit"; exit 1; }
+
+## every import in the library points down the layers (the notebook number is the layer)
+layers-check: venv
+	$(BIN)/python tools/check_layers.py
 
 nbtest: venv
 	$(BIN)/nbdev_test --n_workers 1 --do_print --timing

@@ -126,12 +126,12 @@ def _paired(runs, variants, test)->dict:
     if len(variants) < 2: return {}
     from scipy.stats import binomtest
     from bloodcell_fastai.export import load_safe
-from bloodcell_fastai.inference import predict_probs, prepare_items
+    from bloodcell_fastai.inference import predict_probs, prepare_items
     ok = []
     for v in (variants[0], variants[-1]):
         model, meta = load_safe(runs[v])
         p = predict_probs(model, meta, prepare_items(test, meta))
-        ok.append(np.asarray(meta['classes'])[p.argmax(1)] == test.label.astype(str).values)
+        ok.append(np.asarray(meta.classes)[p.argmax(1)] == test.label.astype(str).values)
     a, b = int((ok[0] & ~ok[1]).sum()), int((~ok[0] & ok[1]).sum())
     return dict(first=variants[0], second=variants[-1], first_only=a, second_only=b,
                 p_mcnemar=float(binomtest(b, a+b, 0.5).pvalue) if a+b else 1.)

@@ -36,7 +36,7 @@ def learner_rate(model, arch, x, y, precision, steps):
     ds = TensorDataset(x, y)
     dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=False, drop_last=True), DataLoader(TensorDataset(x[:bs], y[:bs]), bs=bs))
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, lr=1e-3, splitter=bloodcell_splitter,
-                    cbs=precision_callbacks(precision, True, get_arch(arch).family))
+                    cbs=precision_callbacks(precision, True, get_arch(arch).is_cnn))
     with learn.no_bar(), learn.no_logging():
         learn.fit(1)                                                    # warm-up epoch (also builds the optimizer)
         t = time.perf_counter(); learn.fit(1); dt = time.perf_counter()-t

@@ -33,7 +33,7 @@ def bench_size(size:int, files:list, n_loop:int, bs:int, repeats:int, arch:str, 
     "Images/s of the three ways to predict at one image size."
     from bloodcell_fastai.train import train
     from bloodcell_fastai.export import load_safe, load_learner_pickle
-from bloodcell_fastai.inference import predict, read_cells, cell_batch
+    from bloodcell_fastai.inference import predict, read_cells, cell_batch
     run = workdir/f'{arch}_{size}'
     if not (run/'learner.pkl').exists():
         train(run, dataset='pbc', sample=4, size=size, bs=16, epochs=1, lr=1e-3, arch=arch, num_workers=0, export_pickle=True)

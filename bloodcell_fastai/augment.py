@@ -27,6 +27,7 @@ def rgb_to_hed(x:torch.Tensor, # `(n, 3, h, w)` RGB in [0, 1]
     od = torch.log(x.float().clamp_min(1e-6))/_LOG_ADJ
     return torch.einsum('nchw,cd->ndhw', od, _HED_FROM_RGB.to(x.device))
 
+# %% ../nbs/02b_augment.ipynb #dc684040
 def hed_to_rgb(s:torch.Tensor, # `(n, 3, h, w)` haematoxylin, eosin and DAB densities
               )->torch.Tensor:
     "Inverse of `rgb_to_hed`: stain densities back to RGB in [0, 1] (`skimage.color.hed2rgb`)."
@@ -49,6 +50,7 @@ class HEDJitter(RandTransform):
         b = on*(torch.rand(n, 3, 1, 1, device=x.device)*2-1)*self.max_shift*torch.tensor([1., 1., 0.], device=x.device).view(1,3,1,1)
         return TensorImage(hed_to_rgb(rgb_to_hed(x)*a + b).to(x.dtype))
 
+# %% ../nbs/02b_augment.ipynb #9533f1a5
 class RandomBlur(RandTransform):
     "Gaussian blur of random strength per image: another microscope's focus."
     order = 46
@@ -70,6 +72,7 @@ class RandomBlur(RandTransform):
         y = F.conv2d(F.pad(y, (0, 0, r, r), mode='reflect'), ker[:, None, :, None], groups=n*c)
         return TensorImage(y.reshape(n, c, h, w).to(x.dtype))
 
+# %% ../nbs/02b_augment.ipynb #349a79b3
 class RandomJPEG(RandTransform):
     "Re-encode the image as JPEG at a random quality: another scanner's compression."
     order = 3 # after `Resize` (1), before `ToTensor` (5)
@@ -85,6 +88,7 @@ class RandomJPEG(RandTransform):
         buf = io.BytesIO(); x.convert('RGB').save(buf, format='JPEG', quality=self.q)
         return PILImage.create(buf.getvalue())
 
+# %% ../nbs/02b_augment.ipynb #ef4dff8a
 class RandomDownscale(RandTransform):
     "Shrink the image by a random factor and enlarge it back: a camera with fewer pixels per cell."
     order = 2
@@ -100,6 +104,7 @@ class RandomDownscale(RandTransform):
         small = x.resize((max(1, round(w*self.f)), max(1, round(h*self.f))), Image.Resampling.BILINEAR)
         return PILImage(small.resize((w, h), Image.Resampling.BILINEAR))
 
+# %% ../nbs/02b_augment.ipynb #905f9641
 class RandomScale(RandTransform):
     "Zoom in or out about the centre by a log-uniform factor, padding with the border colour: another lab's framing."
     order = 2 # after `Resize` (1), before `ToTensor` (5)
@@ -131,6 +136,7 @@ def typical_cover(files:list, # image files (a sample of the training images)
         if b: cov.append(max(b[2]-b[0], b[3]-b[1])/max(im.size))
     return float(np.median(cov)) if cov else 0.3
 
+# %% ../nbs/02b_augment.ipynb #a0672e45
 def robust_tfms(cover:float=CELL_RATIO, # nucleus side / image side in the training images (the crop ratio after `cell_crop`)
                 min_cover:float=0.15, # zoom out until the nucleus spans this much of the frame (cell about 20%)
                 max_cover:float=0.7, # zoom in until it spans this much (cell about 90%)
@@ -151,8 +157,6 @@ def robust_tfms(cover:float=CELL_RATIO, # nucleus side / image side in the train
     item = [RandomScale(lo, hi, p=p_zoom), RandomDownscale(min_downscale, p=p_downscale), RandomJPEG(min_quality, 60, p=p_jpeg)]
     batch = [HEDJitter(max_hed, max_hed_shift, p=p_hed), RandomBlur(max_blur, p=p_blur)]
     return item, batch
-
-
 
 # %% ../nbs/02b_augment.ipynb #c714c37c
 CROP_COVER = (0.8, 1.25) # zoom range with the cell crop on, as factors of the crop ratio

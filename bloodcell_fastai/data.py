@@ -168,6 +168,7 @@ def pbc_prefix(fn, # a PBC file name or path
     "The 13-class label of a PBC file from its name (`MMY_123.jpg` -> `MMY`)."
     return Path(fn).name.split('_')[0].upper()
 
+# %% ../nbs/02_data.ipynb #e0739547
 def pbc_items(path:Path, # the pbc folder (or PBC_dataset_normal_DIB inside it)
               labels:str='folder', # 'folder' (8 classes) or 'prefix' (13 classes)
              )->pd.DataFrame:
@@ -190,6 +191,7 @@ def cnmc_subject(fn, # a C-NMC file name or path
     if not m: raise DataError(f"{fn} does not follow C-NMC naming UID_<subject>_<image>_<cell>_<all|hem>.bmp: rename or remove it")
     return m.group(1).upper()
 
+# %% ../nbs/02_data.ipynb #24c4f2bd
 def cnmc_items(path:Path, # the cnmc folder or C-NMC_training_data inside it
               )->pd.DataFrame:
     "Items of the C-NMC training layout `fold_k/{all,hem}/` with label, subject id and fold."
@@ -214,6 +216,7 @@ def allidb2_items(path:Path, # the allidb2 folder (or ALL_IDB2/img inside it)
     if not fs: raise DataError(f"No ALL-IDB2 images (ImNNN_0.tif / ImNNN_1.tif) below {path}: give the ALL_IDB2 folder")
     return pd.DataFrame([(str(f), 'all' if f.stem.endswith('_1') else 'hem') for f in fs], columns=['file','label'])
 
+# %% ../nbs/02_data.ipynb #86b9e1de
 BLOODMNIST_CLASSES = ['basophil','eosinophil','erythroblast','ig','lymphocyte','monocyte','neutrophil','platelet']
 
 def bloodmnist_items(path:Path, # folder holding bloodmnist[_SIZE].npz
@@ -290,6 +293,7 @@ def parent_label(fn, # a file path
     "The name of a file's folder: the label in a one-folder-per-class tree."
     return Path(fn).parent.name
 
+# %% ../nbs/02_data.ipynb #9baafd13
 def audit(path:Path|str, # folder to audit (all files below it are examined)
           label_func=parent_label, # file -> label; default the folder name
           n_workers:int=None, # processes for decoding; default all cores
@@ -412,6 +416,7 @@ def save_split(df:pd.DataFrame, # items with `split`
     atomic_write(fn, s)
     return hashlib.md5(s.encode()).hexdigest()
 
+# %% ../nbs/02_data.ipynb #620ff913
 def load_split(fn:Path, # a split CSV written by `save_split`
               )->pd.DataFrame:
     "Read a split CSV, checking it has `file`, `label` and `split`."
@@ -500,11 +505,13 @@ def load_cell(r, # a row of an items table
     if k: im = im.transpose(DIHEDRAL[k])
     return PILImage(im)
 
+# %% ../nbs/02_data.ipynb #3479268b
 def split_column(df:pd.DataFrame, # items with a `split` column
                 )->tuple:
     "fastai splitter: train and valid indices from an items table's `split` column."
     return (L(np.flatnonzero((df.split=='train').values).tolist()), L(np.flatnonzero((df.split=='valid').values).tolist()))
 
+# %% ../nbs/02_data.ipynb #c46bc71a
 def cell_tfms(size:int=224, # training image size
               stats=imagenet_stats, # normalisation (mean, std) of the model's weights
               aug:bool=True, # random augmentation (False: only resize and normalise)
@@ -519,6 +526,7 @@ def cell_tfms(size:int=224, # training image size
                             max_lighting=max_lighting, max_warp=0., pad_mode='reflection'),
             Saturation(max_lighting=max_lighting), Hue(max_hue=max_hue), Normalize.from_stats(*stats)]
 
+# %% ../nbs/02_data.ipynb #96ca22de
 @delegates(cell_tfms)
 def cell_block(size:int=224, # training image size
                item_size:int=None, # presize side; default 1.25 x size
@@ -532,6 +540,7 @@ def cell_block(size:int=224, # training image size
                      splitter=split_column, item_tfms=[Resize(item_size), *(item_tfms or [])],
                      batch_tfms=[*cell_tfms(size, **kwargs), *(extra_batch_tfms or [])])
 
+# %% ../nbs/02_data.ipynb #763718a0
 def presize_for(size:int, # training image size
                )->int:
     "The presize side for a training size: 1.25x, so random crops and rotations have margin."

@@ -30,6 +30,7 @@ def stack_probs(prob_list:list, # m arrays of shape (n, c), one per member, same
     if P.ndim != 3: raise ValueError(f"expected m arrays of shape (n, c), got shapes {[np.shape(p) for p in prob_list]}")
     return P
 
+# %% ../nbs/07b_ensemble.ipynb #2fa55d04
 def normalise_weights(weights, # (m,) or (k, m) non-negative weights
                      ) -> np.ndarray:
     "`weights` scaled to sum to 1 (per row); an all-zero row becomes uniform."
@@ -38,6 +39,7 @@ def normalise_weights(weights, # (m,) or (k, m) non-negative weights
     tot = w.sum(-1, keepdims=True)
     return np.divide(w, tot, out=np.full_like(w, 1 / w.shape[-1]), where=tot > 0)
 
+# %% ../nbs/07b_ensemble.ipynb #c7bf387b
 def _mix(W, P):
     "(k, n, c) weighted averages of the members P (m, n, c) for each row of normalised weights W (k, m)."
     out = W[:, 0, None, None] * P[0]
@@ -63,6 +65,7 @@ class Fitness(NamedTuple):
         "The score of `probs` (n, c) against integer `targets`."
         return float(self.score(np.asarray(targets), np.asarray(probs).argmax(1)))
 
+# %% ../nbs/07b_ensemble.ipynb #ae807984
 def _class_fitness(name, kind, k):
     "Precision or recall of class index `k`."
     sk = dict(precision=precision_score, recall=recall_score)[kind]
@@ -136,6 +139,7 @@ class SearchResult(NamedTuple):
     score: float # fitness of those weights
     table: pd.DataFrame # grid: every point evaluated and its score; GA: best score per generation
 
+# %% ../nbs/07b_ensemble.ipynb #105c7eab
 def _pick_best(W, scores, tol=1e-12):
     "Index of the best score; ties (within `tol`) go to the most uniform weights, then to the first."
     best = np.flatnonzero(scores >= np.max(scores) - tol)

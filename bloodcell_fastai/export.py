@@ -71,6 +71,7 @@ def meta_from_dict(d:dict, # the parsed model.json
     if 'item_size' in d: kw['presize'] = d['item_size']
     return ModelMeta(**kw)
 
+# %% ../nbs/03_export.ipynb #3f3ff743
 def meta_to_dict(meta:ModelMeta, # the record to store
                 )->dict:
     "The JSON layout of `model.json` (format first)."
@@ -97,6 +98,7 @@ def write_meta(run_dir:Path, # run folder
     "Write `model.json` atomically: the one writer of the file."
     return atomic_write(Path(run_dir)/'model.json', json.dumps(meta_to_dict(meta), indent=1))
 
+# %% ../nbs/03_export.ipynb #3dcb07d5
 def update_meta(run_dir:Path, # run folder
                 **changes, # fields of `ModelMeta` to set
                )->ModelMeta:
@@ -275,6 +277,7 @@ def models_folder(path:Path|str=None, # an explicit folder
     "The models folder: `path`, else `$BLOODCELL_MODELS`, else `models`."
     return Path(path or os.environ.get('BLOODCELL_MODELS') or 'models').expanduser()
 
+# %% ../nbs/03_export.ipynb #2ddc4f84
 def _test_accuracy(run_dir):
     try: return float(json.loads((Path(run_dir)/'record.json').read_text())['final_metrics']['test']['accuracy']['value'])
     except Exception: return None

@@ -66,6 +66,7 @@ def is_hidden(p:Path, # a path, relative to the data folder
     "True for hidden files or files inside hidden folders (`.DS_Store`, `._x.jpg`, `.ipynb_checkpoints`)."
     return any(part.startswith('.') for part in Path(p).parts if part not in ('.','..'))
 
+# %% ../nbs/01b_imaging.ipynb #ab68dde1
 def image_files(path:Path, # folder to search recursively
                )->L:
     "Visible files with an image extension below `path`, sorted."
@@ -84,6 +85,7 @@ def crop_black_border(im:Image.Image, # RGB image
     ys,xs = np.where(fg.any(1))[0], np.where(fg.any(0))[0]
     return im.crop((xs[0], ys[0], xs[-1]+1, ys[-1]+1))
 
+# %% ../nbs/01b_imaging.ipynb #930516b7
 def pad_square(im:Image.Image, # RGB image
                fill=(0,0,0), # padding colour
               )->Image.Image:
@@ -120,6 +122,7 @@ def square_around(box:tuple, # (x0, y0, x1, y1) of the cell
     l, t = round((x0+x1)/2 - s/2), round((y0+y1)/2 - s/2)
     return (l, t, l+s, t+s)
 
+# %% ../nbs/01b_imaging.ipynb #c99cc692
 def border_colour(im:Image.Image, # any PIL image
                   width:int=2, # width of the border ring in pixels
                  )->tuple:
@@ -128,6 +131,7 @@ def border_colour(im:Image.Image, # any PIL image
     ring = np.concatenate([a[:width].reshape(-1,3), a[-width:].reshape(-1,3), a[:,:width].reshape(-1,3), a[:,-width:].reshape(-1,3)])
     return tuple(int(v) for v in np.median(ring, 0))
 
+# %% ../nbs/01b_imaging.ipynb #a9261aeb
 def crop_padded(im:Image.Image, # the image to crop
                 sq:tuple, # `(left, top, right, bottom)`, may reach outside the image
                 fill:tuple=None, # RGB colour of the padding; default `border_colour(im)`

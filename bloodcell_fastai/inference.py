@@ -152,6 +152,7 @@ def df_batches(df:pd.DataFrame, # items (prepared with `prepare_items`, or raw f
     "Input batches of an items table (`infer_dl`)."
     return (xb for (xb,) in infer_dl(df, meta, bs=bs, tta=tta))
 
+# %% ../nbs/04_inference.ipynb #8dc18590
 def image_batches(ims:list, # preprocessed images from `read_cell`
                   meta:ModelMeta, # the model's meta
                   bs:int=64, # batch size

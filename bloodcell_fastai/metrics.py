@@ -139,6 +139,7 @@ def average_precision_at_n(scores:np.ndarray, # (n,) ranking scores, higher firs
     prec = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float((prec * hits).sum() / min(n, relevant.sum()))
 
+# %% ../nbs/00b_metrics.ipynb #8485ecb6
 def mean_average_precision_at_n(probs:np.ndarray, # (n, c) class probabilities
                                 targets:np.ndarray, # (n,) integer class indices
                                 n:int, # truncation rank N
@@ -156,6 +157,7 @@ def bootstrap_counts(n:int, # number of images
     idx = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
     return np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n)
 
+# %% ../nbs/00b_metrics.ipynb #13ceb0de
 def _group_sum(counts, keys, n_keys, values=None):
     "(B, n_keys) sums of `counts` (times `values`) over the images sharing each key."
     order = np.argsort(keys, kind='stable')
@@ -212,6 +214,7 @@ def batched_roc_auc(probs:np.ndarray, # (n, c) class probabilities
         warnings.simplefilter('ignore', RuntimeWarning)
         return np.nanmean(np.stack(aucs, 1), 1)
 
+# %% ../nbs/00b_metrics.ipynb #873f0c55
 def batched_ece(probs:np.ndarray, # (n, c) class probabilities
                 targets:np.ndarray, # (n,) integer class indices
                 counts:np.ndarray, # (B, n) weight of each image in each of B resamples

@@ -366,12 +366,14 @@ def param_groups(model:nn.Module, # a model built by `create_model` (timm, VGG o
         raise RuntimeError(f"param_groups({type(model).__name__}) is not a partition of the parameters")
     return groups
 
+# %% ../nbs/01_models.ipynb #2e47a0c3
 def bloodcell_splitter(model:nn.Module, # the learner's model
                       ) -> list:
     "fastai splitter: the parameters of `param_groups(model)`, one list per group, head last"
     ps = dict(model.named_parameters())
     return [[ps[n] for n in g] for g in param_groups(model).values()]
 
+# %% ../nbs/01_models.ipynb #6530f972
 def model_splitter(arch:str|Arch=None, # checked against the registry if given; the splitter is the same for all
                   ) -> Callable:
     "The splitter for `arch`; the grouping is read off the model, so one picklable function serves every entry"
@@ -408,6 +410,7 @@ def count_groups(learn:Learner, # a learner with a splitter
     "Number of parameter groups the learner's splitter makes"
     return len(learn.splitter(learn.model))
 
+# %% ../nbs/01_models.ipynb #15f3df7a
 def trainable_groups(learn:Learner, # a learner with a splitter
                     ) -> list:
     "Per group: is it trained? (all its parameters require grad, except norm layers fastai keeps trainable with `train_bn`)"

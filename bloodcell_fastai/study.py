@@ -67,6 +67,7 @@ def read_record(run_dir:Path|str, # run folder
     try: return json.loads((Path(run_dir)/'record.json').read_text())
     except (OSError, json.JSONDecodeError): return None
 
+# %% ../nbs/07d_study.ipynb #72747a27
 def run_status(run_dir:Path|str, # run folder
                split=None, # the split the run should have (DataFrame or CSV); None: not checked
                **kwargs, # the configuration the run should have; none: not checked
@@ -82,12 +83,14 @@ def run_status(run_dir:Path|str, # run folder
     done = rec.get('status')=='done' and all((run_dir/f).exists() for f in ('model.json','model.safetensors'))
     return 'done' if done else 'partial'
 
+# %% ../nbs/07d_study.ipynb #c2fd9f1d
 def resumable(run_dir:Path|str, # run folder
              )->bool:
     "True when the run folder has a checkpoint to resume from (weights and progress)."
     d = Path(run_dir)/'checkpoints'
     return (d/'last.pth').exists() and (d/'progress.json').exists()
 
+# %% ../nbs/07d_study.ipynb #2793902d
 def clear_run(run_dir:Path|str, # run folder to empty
              )->Path:
     "Delete a run folder's run files (only those), refusing a folder that holds anything else."
@@ -120,6 +123,7 @@ REPO_RAW = 'https://raw.githubusercontent.com/bloodcell-fastai/bloodcell_fastai/
 class StudyError(ConfigError):
     "A problem with a study config or a study run, in one line."
 
+# %% ../nbs/07d_study.ipynb #b12e95ab
 def load_study_config(config, # a JSON file, a dict, or the name of a file in `studies/`
                       **overrides, # keys to replace (e.g. `out=`)
                      )->dict:
@@ -144,6 +148,7 @@ def load_study_config(config, # a JSON file, a dict, or the name of a file in `s
     for r in study_runs(cfg): train_config(**r['train'])  # unknown train options fail here, before any training
     return cfg
 
+# %% ../nbs/07d_study.ipynb #7d0188f4
 def find_study_config(name:str|Path, # a path, or a name such as 'arch_size'
                      )->Path:
     "A config file: the path itself, else `studies/NAME(.json)` here, one level up, or in the repository on GitHub."
@@ -166,6 +171,7 @@ def is_baseline(arch:str, # registry key or timm name
     "True for the home-made baselines (LeNet-5, the CNN from scratch), which have no pretrained weights."
     return get_arch(arch).builder is not None
 
+# %% ../nbs/07d_study.ipynb #3308a571
 def study_run_id(subset:str, # subset name, e.g. 'tiny'
                  arch:str, # architecture
                  pretrained:bool, # ImageNet weights or from scratch
@@ -173,6 +179,7 @@ def study_run_id(subset:str, # subset name, e.g. 'tiny'
     "A run's id and folder below `runs/`: `tiny/resnet18-pretrained`."
     return f"{subset}/{arch}-{'pretrained' if pretrained else 'scratch'}"
 
+# %% ../nbs/07d_study.ipynb #f9fc9857
 def study_runs(cfg:dict, # a config from `load_study_config`
               )->list:
     "One dict per run of the grid: id, subset, arch, pretrained and the run's train options, smallest subset first."
@@ -196,6 +203,7 @@ def study_items(cfg:dict, # a config from `load_study_config`
     if cfg['sample']: items = items.sample(frac=1, random_state=cfg['seed']).groupby('label').head(int(cfg['sample'])).sort_index()
     return items.reset_index(drop=True)
 
+# %% ../nbs/07d_study.ipynb #857ce6e0
 def study_splits(cfg:dict, # a config from `load_study_config`
                  out:Path|str, # the study's folder
                 )->dict:
@@ -218,6 +226,7 @@ def run_key(train_opts:dict, # the run's options of `train_config`
     s = json.dumps(dict(train=_norm_cfg(train_config(**train_opts)), split=split_key), sort_keys=True)
     return hashlib.md5(s.encode()).hexdigest()
 
+# %% ../nbs/07d_study.ipynb #a7604864
 def run_summary(run_dir:Path|str, # a finished run folder
                )->dict:
     "A finished run's row for a results table: options, test metrics with CIs, mAP@5/@100, timings."
@@ -234,6 +243,7 @@ def run_summary(run_dir:Path|str, # a finished run folder
                device=rec['env']['device'], precision=rec.get('precision'))
     return row
 
+# %% ../nbs/07d_study.ipynb #e8df93f0
 def read_results(out:Path|str, # the study's folder
                 )->pd.DataFrame:
     "The study's results.csv (empty when there is none yet)."
@@ -310,6 +320,7 @@ def study_results(config, # config file, name in studies/, or dict
     order = {r:i for i,r in enumerate(keys)}
     return res.sort_values('run_id', key=lambda s: s.map(order)).reset_index(drop=True)
 
+# %% ../nbs/07d_study.ipynb #6bd9b304
 def study_table(results:pd.DataFrame, # from `study_results`
                 metric:str='accuracy', # a column: accuracy, balanced_accuracy, f1_macro, map@5, map@100, ...
                 ci:bool=False, # show "value [low, high]" strings instead of numbers
@@ -323,6 +334,7 @@ def study_table(results:pd.DataFrame, # from `study_results`
     t.columns = [f"{c} ({int(r[r.subset==c].n_train.max())})" for c in t.columns]
     return t
 
+# %% ../nbs/07d_study.ipynb #6131b812
 def plot_size_curve(results:pd.DataFrame, # from `study_results`
                     metric:str='accuracy', # the metric on the y axis
                     ax=None, # matplotlib axes; default a new figure
@@ -381,6 +393,7 @@ def compare_runs(run_dirs, # run folders, or a dict name -> run folder
         rows[name].update(images=rep['n_images'], train_s=rec['timings']['train_seconds'])
     return pd.DataFrame(rows).T.rename_axis('run')
 
+# %% ../nbs/07d_study.ipynb #1d2e75a9
 def per_class_table(run_dirs, # run folders, or a dict name -> run folder
                     score:str='f1', # 'precision', 'recall', 'f1' or 'support'
                     split:str='test', # 'test' or 'valid'

@@ -110,6 +110,7 @@ def gradual_schedule(n_groups:int, # parameter groups of the model (head include
     cuts = sorted({int(round(n_body*(i+1)/steps)) for i in range(steps)})
     return [-1] + [None if c>=n_body else -(c+1) for c in cuts]
 
+# %% ../nbs/06_train.ipynb #1794cb90
 def recipe_stages(cfg:dict, # run configuration
                   n_groups:int, # parameter groups of the model
                   lr:float, # base learning rate (head / whole model)
@@ -151,6 +152,7 @@ class RunCheckpoint(Callback):
         atomic_write(d/'history.json', json.dumps(self.rows or []))
         atomic_write(d/'progress.json', json.dumps(dict(stage=self.stage, epoch=self.epoch)))
 
+# %% ../nbs/06_train.ipynb #4c59fbcf
 class History(Callback):
     "Collect one row per epoch: stage, epoch, losses, metrics and time."
     order = 60
@@ -169,6 +171,7 @@ class History(Callback):
     def after_batch(self):
         if self.training: self.n += 1
 
+# %% ../nbs/06_train.ipynb #ba885cf5
 def load_checkpoint_state(learn, # the run's learner
                           run_dir, # run folder
                          )->dict|None:
@@ -221,6 +224,7 @@ def find_lr(learn, # a learner
     "A learning rate from fastai's `lr_find` (valley), model and optimizer restored afterwards."
     with learn.no_logging(), learn.no_bar(): return float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
 
+# %% ../nbs/06_train.ipynb #411d3a87
 def run_stages(learn, # the run's learner
                cfg:dict, # run configuration
                run_dir:Path, # run folder (checkpoints)
@@ -288,6 +292,7 @@ def distributed(learn, # the learner to train
     try: yield learn
     finally: learn.remove_cb(cb)
 
+# %% ../nbs/06_train.ipynb #13ca10c3
 def is_rank0()->bool:
     "True in the process that writes files (the only one when not distributed)."
     return rank_distrib()==0
