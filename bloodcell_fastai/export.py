@@ -4,11 +4,11 @@
 
 # %% ../nbs/03_export.ipynb #6174a5a3
 from __future__ import annotations
-import json, os, warnings
+import json, math, os, warnings
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import pandas as pd, torch
-from .core import DataError, ModelFileError, atomic_write
+from .core import DataError, ModelFileError, ConfigError, atomic_write
 from .models import create_model, get_arch
 from .data import load_items, load_split, presize_for
 
@@ -104,6 +104,9 @@ def update_meta(run_dir:Path, # run folder
                )->ModelMeta:
     "Set fields of a run's stored `model.json` and write it back; returns the new record."
     meta = read_meta(run_dir)
+    t = changes.get('temperature', 1.0)
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ConfigError(f"temperature must be a positive number, got {t!r}: a temperature divides the logits")
     for k,v in changes.items():
         if not hasattr(meta, k) or k in ('item_size', 'crop_border', 'pad', 'cell_crop'): raise AttributeError(f"ModelMeta has no field {k!r}")
         setattr(meta, k, v)

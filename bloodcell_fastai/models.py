@@ -270,9 +270,9 @@ def _timm_pretrained(a:Arch, n_out:int, kw:dict) -> tuple:
     except Exception as e:
         raise WeightsUnavailableError(
             f"Could not get the pretrained weights of {a.key!r} (timm model {a.timm_name!r}) from {src}: "
-            f"{type(e).__name__}: {e}\nThis machine is probably offline. Fix: connect to the internet and retry "
-            f"(timm caches the weights), or download the checkpoint from {src} on another machine, copy it here and "
-            f"pass its path: create_model({a.key!r}, n_out, pretrained='path/to/model.safetensors').") from e
+            f"{type(e).__name__}: {' '.join(str(e).split())}. This machine is probably offline. Fix: connect to the internet "
+            f"and retry (timm caches the weights), or download the checkpoint from {src} on another machine, copy it here "
+            f"and pass its path (`bloodcell train --weights FILE`, or create_model({a.key!r}, n_out, pretrained='path/to/model.safetensors')).") from e
 
 # %% ../nbs/01_models.ipynb #871b9e11
 def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm model name

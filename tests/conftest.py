@@ -1,5 +1,5 @@
 "Shared fixtures: real sample images from $BLOODCELL_DATA (../shared/data in CI), a private cache per session."
-import os, shutil, json
+import os, shutil
 from pathlib import Path
 import pytest
 
@@ -16,12 +16,25 @@ def _private_cache(tmp_path_factory):
     if old is None: os.environ.pop('BLOODCELL_CACHE', None)
     else: os.environ['BLOODCELL_CACHE'] = old
 
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    "huggingface_hub (and torch.hub) as on an offline machine with an empty cache"
+    import huggingface_hub.constants as C
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(C, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(C, 'HF_HUB_CACHE', str(tmp_path/'hub'))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'torch'))
+
 @pytest.fixture(scope='session')
 def data_root():
+    "The sample data folder, exported as $BLOODCELL_DATA for the session (the previous value is restored at its end)."
     r = _data_root()
     if r is None: pytest.skip('real sample data not found: set BLOODCELL_DATA (see README)')
+    old = os.environ.get('BLOODCELL_DATA')
     os.environ['BLOODCELL_DATA'] = str(r)
-    return r
+    yield r
+    if old is None: os.environ.pop('BLOODCELL_DATA', None)
+    else: os.environ['BLOODCELL_DATA'] = old
 
 @pytest.fixture(scope='session')
 def pbc_root(data_root):
@@ -43,12 +56,8 @@ def pbc_tree(tmp_path, pbc_sample):
     return root
 
 
-def tiny_run(tmp_path_factory):
-    "One tiny real run per test session, shared by the test modules (10 PBC images per class, 64 px, 1 epoch)."
-    from bloodcell_fastai.train import train
-    run = tmp_path_factory.getbasetemp()/'shared_models'/'tiny'
-    rec = run/'record.json'
-    if not (rec.exists() and json.loads(rec.read_text()).get('status')=='done'):
-        train(run, dataset='pbc', sample=10, size=64, bs=16, epochs=1, lr=1e-3, arch='resnet18', num_workers=0,
-              export_pickle=True)
-    return run
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, data_root):
+    "One tiny real run per test session, shared by the test modules (`train.tiny_run`: 10 PBC images per class, 64 px, 1 epoch)."
+    from bloodcell_fastai.train import tiny_run as _tiny_run
+    return _tiny_run(tmp_path_factory.getbasetemp()/'shared_models'/'tiny', export_pickle=True)

@@ -3,7 +3,6 @@ import base64, io, json, os, re, signal, socket, subprocess, time
 from pathlib import Path
 import pandas as pd
 import pytest
-from conftest import tiny_run
 
 CHROMIUM = os.environ.get('BLOODCELL_CHROMIUM', '/usr/bin/chromium')
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking']
@@ -40,7 +39,7 @@ def stop(proc):
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory, data_root): return tiny_run(tmp_path_factory)
+def run(tiny_run): return tiny_run
 
 @pytest.fixture(scope='module')
 def server(run, tmp_path_factory):
@@ -87,7 +86,7 @@ def text(loc)->str:
 def readable(pbc_sample, cls, n=1)->list:
     "The first `n` sample files of a class that really are images (the shared sample also holds debris)."
     from bloodcell_fastai.data import inspect_file
-from bloodcell_fastai.imaging import is_hidden
+    from bloodcell_fastai.imaging import is_hidden
     return [f for f in pbc_sample[cls] if not is_hidden(Path(f.name)) and inspect_file(f)['status']=='ok'][:n]
 
 def classify(pg):

@@ -10,6 +10,7 @@ from PIL import Image
 from bloodcell_fastai.data import *
 from bloodcell_fastai.core import DataError
 from bloodcell_fastai.data import DATASETS, _md5
+from bloodcell_fastai.imaging import load_rgb, crop_black_border, pad_square
 
 
 # ---------------------------------------------------------------- fixtures
@@ -66,11 +67,19 @@ def test_audit_cli_writes_json(messy_tree, tmp_path):
     assert json.loads(out.read_text())['unreadable'][0]['file'] == 'eosinophil/cut.jpg'
     assert 'wrote' in r.stdout
 
-def test_audit_real_pbc_finds_published_defects(pbc_root):
-    a = audit(pbc_root)
+PBC_DEFECTS = ['neutrophil/.DS_169665.jpg', 'eosinophil/EO_225902.jpg', 'neutrophil/BNE_191112.jpg']
+
+def test_audit_real_pbc_finds_published_defects(pbc_root, pbc_sample, tmp_path):
+    "The published defects, in a small copy of real PBC files (nbs/02_data.ipynb audits the whole half)."
+    root = tmp_path/'pbc'
+    normal = [f for c in ('eosinophil', 'neutrophil') for f in pbc_sample[c][:4] if not f.name.startswith('.')
+              and f.name not in ('EO_225902.jpg', 'BNE_191112.jpg')]
+    for f in [pbc_root/r for r in PBC_DEFECTS] + normal:
+        (root/f.parent.name).mkdir(parents=True, exist_ok=True); shutil.copy(f, root/f.parent.name/f.name)
+    a = audit(root)
     assert 'neutrophil/.DS_169665.jpg' in a['non_image']
     assert ['eosinophil/EO_225902.jpg', 'neutrophil/BNE_191112.jpg'] in a['conflicting_duplicates']
-    assert a['n_images'] == sum(a['classes'].values()) > 8000
+    assert a['n_images'] == sum(a['classes'].values()) == len(normal) + 2    # the hidden junk file is not an image
 
 
 # ---------------------------------------------------------------- locating data
@@ -176,6 +185,18 @@ def test_bad_layouts(tmp_path):
     Image.new('RGB', (8,8)).save(tmp_path/'t'/'a'/'x.jpg')
     with pytest.raises(DataError, match=r't/b holds no images'): folder_items(tmp_path/'t')
 
+def test_one_class_folder_and_dataset_default(tmp_path, pbc_sample):
+    "Another lab's folder may hold a single class (mylab/neutrophil/*.jpg); a path given without a dataset is a folder tree."
+    cls = tmp_path/'wrap'/'mylab'/'neutrophil'; cls.mkdir(parents=True)
+    fs = [f for f in pbc_sample['neutrophil'] if not f.name.startswith('.')][:3]
+    for f in fs: shutil.copy(f, cls/f.name)
+    assert class_root(tmp_path/'wrap') == tmp_path/'wrap'/'mylab'
+    df = load_items(path=tmp_path/'wrap')
+    assert df.label.tolist() == ['neutrophil']*3 and sorted(Path(f).name for f in df.file) == sorted(f.name for f in fs)
+    assert dataset_for(None, tmp_path) == 'folder' and dataset_for(None) == 'pbc' and dataset_for('cnmc', tmp_path) == 'cnmc'
+    (cls/'sub').mkdir()                                                       # a class folder with folders inside is not one
+    with pytest.raises(DataError, match='no class sub-folders'): class_root(tmp_path/'wrap')
+
 def test_corrupt_file_found_before_training(messy_tree):
     df = split_items(folder_items(messy_tree), seed=0)
     with pytest.raises(DataError, match=r'cut\.jpg.*corrupt or truncated|unreadable'):
@@ -197,8 +218,8 @@ def test_modes_become_rgb(tmp_path, make, ok):
     assert im.mode == 'RGB' and im.size == (30,30)
 
 def test_oversized_image_is_refused(tmp_path, monkeypatch):
-    import bloodcell_fastai.data as D
-    monkeypatch.setattr(D, 'MAX_PIXELS', 100*100)
+    import bloodcell_fastai.imaging as I
+    monkeypatch.setattr(I, 'MAX_PIXELS', 100*100)
     Image.new('RGB', (200,200)).save(tmp_path/'big.png')
     with pytest.raises(DataError, match=r'big\.png is 200x200 pixels, too large'): load_rgb(tmp_path/'big.png')
 

@@ -2,13 +2,12 @@
 import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
-from fastcore.script import anno_parser
 from bloodcell_fastai.core import DataError
-from bloodcell_fastai.export import load_safe, read_meta
+from bloodcell_fastai.export import load_safe, read_meta, update_meta
 from bloodcell_fastai.inference import predict_probs, prepare_items
 from bloodcell_fastai.metrics import encode_targets
-from bloodcell_fastai.interpret import save_temperature
 from bloodcell_fastai.ensemble import *
+from bloodcell_fastai.cli import bloodcell_ensemble, command_parser
 
 @pytest.fixture(scope='module')
 def runs(data_root, tmp_path_factory):
@@ -18,7 +17,7 @@ def runs(data_root, tmp_path_factory):
     opts = dict(dataset='pbc', sample=10, bs=16, epochs=1, lr=3e-3, num_workers=0, seed=42)
     rs = [train(root/'cnn64', arch='cnn_scratch', size=64, **opts), train(root/'cnn48', arch='cnn_scratch', size=48, **opts),
           train(root/'lenet64', arch='lenet5', size=64, **opts)]
-    save_temperature(rs[2], 2.0)
+    update_meta(rs[2], temperature=2.0)
     return rs
 
 @pytest.fixture(scope='module')
@@ -32,16 +31,16 @@ def test_members_predict_with_their_own_meta(runs):
     probs = members_probs(runs, test)
     assert [p.shape for p in probs] == [(len(test), len(classes))] * 3
     model, meta = load_safe(runs[2])
-    assert meta['temperature'] == 2.0
+    assert meta.temperature == 2.0
     np.testing.assert_allclose(probs[2], predict_probs(model, meta, prepare_items(test, meta)), atol=1e-6)
     model1, meta1 = load_safe(runs[1])
-    assert meta1['size'] == 48
+    assert meta1.size == 48
 
 def test_ensemble_folder_round_trip_and_predict(runs, ens_dir):
     raw = json.loads((ens_dir/'ensemble.json').read_text())
     assert raw['format'] == 1 and raw['method'] == 'grid' and raw['fitness'] == 'accuracy' and raw['params']['step'] == 0.1
     assert raw['members'] == ['../../cnn64', '../../cnn48', '../../lenet64']   # relative to the ensemble folder
-    assert sum(raw['weights']) == pytest.approx(1) and raw['classes'] == read_meta(runs[0])['classes']
+    assert sum(raw['weights']) == pytest.approx(1) and raw['classes'] == read_meta(runs[0]).classes
     ens = load_ensemble(ens_dir)
     assert ens.members == [str(r.resolve()) for r in runs]
     _, test, classes = ensemble_data(runs)
@@ -68,7 +67,7 @@ def test_ensemble_folder_moves_with_its_runs(runs, ens_dir, tmp_path):
     with pytest.raises(DataError, match=r'cnn48 \(listed in .*ensemble\.json\) not found'): load_ensemble(moved/'ensembles'/'grid')
 
 def test_zero_weight_members_are_not_run(runs, tmp_path):
-    ens = Ensemble([str(r) for r in runs], [0.5, 0.5, 0.0], read_meta(runs[0])['classes'])
+    ens = Ensemble([str(r) for r in runs], [0.5, 0.5, 0.0], read_meta(runs[0]).classes)
     _, test, _ = ensemble_data(runs)
     shutil.copytree(runs[2], tmp_path/'gone'); ens.members[2] = str(tmp_path/'gone')
     (tmp_path/'gone'/'model.safetensors').unlink()   # would fail to load if it were run
@@ -106,7 +105,7 @@ def test_not_an_ensemble_folder(tmp_path):
     with pytest.raises(DataError, match='is not an ensemble folder'): load_ensemble(tmp_path)
 
 def test_cli_ensemble(runs, tmp_path, capsys):
-    args = vars(anno_parser(bloodcell_ensemble).parse_args(['a', 'b', '--search', 'ga', '--fitness', 'precision:hem', '--out', 'o']))
+    args = vars(command_parser(bloodcell_ensemble, 'bloodcell ensemble').parse_args(['a', 'b', '--search', 'ga', '--fitness', 'precision:hem', '--out', 'o']))
     assert args['run_dirs'] == ['a', 'b'] and args['search'] == 'ga' and args['fitness'] == 'precision:hem'
     ens = bloodcell_ensemble([str(r) for r in runs], search='average', out=str(tmp_path/'avg'), n_boot=20)
     assert ens.weights == pytest.approx([1 / 3] * 3) and ens.method == 'average'

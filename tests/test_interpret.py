@@ -2,15 +2,16 @@
 import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
-from fastcore.script import anno_parser
-from bloodcell_fastai.core import DataError
+from bloodcell_fastai.core import DataError, ModelFileError
 from bloodcell_fastai.data import audit
-from bloodcell_fastai.export import load_safe, read_meta
-from bloodcell_fastai.inference import predict_probs, predict_logits
-from bloodcell_fastai.core import ModelFileError
+from bloodcell_fastai.export import load_safe, read_meta, update_meta, labelled_items, same_split
+from bloodcell_fastai.inference import predict_probs, predict_logits, prepare_items, model_inputs
 from bloodcell_fastai.metrics import simulate_probs
 from bloodcell_fastai.models import create_model
+from bloodcell_fastai.cams import cam_target_layer, class_cams, token_reshape, denorm, cam_overlay
+from bloodcell_fastai.calibrate import softmax_t, fit_temperature, calibration_summary, calibrate_run
 from bloodcell_fastai.interpret import *
+from bloodcell_fastai.cli import bloodcell_interpret, command_parser
 
 CLASSES = ['basophil', 'eosinophil', 'erythroblast', 'ig', 'lymphocyte', 'monocyte', 'neutrophil', 'platelet']
 
@@ -24,14 +25,16 @@ def run(data_root, tmp_path_factory):
 @pytest.fixture(scope='module')
 def interp(run): return CellInterpretation.from_run(run)
 
-def _meta(arch, size=64): return dict(arch=arch, classes=CLASSES, size=size, mean=[0.5] * 3, std=[0.25] * 3)
-
 def test_interpretation_matches_predict_probs(run, interp):
     model, meta = load_safe(run)
-    test = interpret_items(run)
+    test = prepare_items(labelled_items(run), meta)
+    assert (interp.items.file == test.file).all() and (interp.items.label == test.label).all()
     assert len(interp.probs) == len(test) == (pd.read_csv(run/'split.csv').split == 'test').sum()
     np.testing.assert_allclose(interp.probs, predict_probs(model, meta, test), atol=1e-5)
     np.testing.assert_allclose(softmax_t(predict_logits(model, meta, test), 2.0), predict_probs(model, meta, test, temperature=2.0), atol=1e-5)
+    again = CellInterpretation.from_run(run, logits=interp.logits * 2)  # logits already computed are used as given
+    np.testing.assert_allclose(again.probs, softmax_t(interp.logits * 2), atol=1e-12)
+    assert (again.targs == interp.targs).all() and len(again.losses) == len(test)
 
 def test_confusion_and_top_losses(interp):
     cm, cmn = interp.confusion_table(), interp.confusion_table(normalize=True)
@@ -55,13 +58,13 @@ def test_cams_have_image_shape_and_differ_between_classes(arch):
     torch.manual_seed(0)
     model = create_model(arch, 8, img_size=64).eval()
     xb = torch.randn(2, 3, 64, 64)
-    maps = np.stack([class_cams(model, _meta(arch), xb, c) for c in range(4)])
+    maps = np.stack([class_cams(model, arch, xb, c) for c in range(4)])
     assert maps.shape == (4, 2, 64, 64) and maps.min() >= 0 and maps.max() <= 1
     assert np.ptp(maps, axis=0).max() > 0.1   # Grad-CAM depends on the class
-    pp = class_cams(model, _meta(arch), xb, 0, 'gradcam++')
+    pp = class_cams(model, arch, xb, 0, 'gradcam++')
     assert pp.shape == (2, 64, 64)
-    np.testing.assert_allclose(class_cams(model, _meta(arch), xb, 0, 'eigencam'), class_cams(model, _meta(arch), xb, 3, 'eigencam'))
-    with pytest.raises(ValueError, match='Unknown CAM method'): class_cams(model, _meta(arch), xb, 0, 'nope')
+    np.testing.assert_allclose(class_cams(model, arch, xb, 0, 'eigencam'), class_cams(model, arch, xb, 3, 'eigencam'))
+    with pytest.raises(ValueError, match='Unknown CAM method'): class_cams(model, arch, xb, 0, 'nope')
     from pytorch_grad_cam import GradCAM   # stopping autograd at the target layer changes nothing but the speed
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     with GradCAM(model, [cam_target_layer(model, arch)], reshape_transform=token_reshape(model) if 'vit' in arch else None) as cam:
@@ -76,7 +79,7 @@ def test_cam_figures(run, interp):
     assert [t.get_text().split()[0] for t in fig.axes[0].get_xticklabels()] == ['image'] + CLASSES[:3]
     fig = plot_top_loss_cams(interp, k=2)
     assert len(fig.axes) == 2 and fig.axes[0].images[0].get_array().shape == (64, 5 * 66 - 2, 3)
-    img = denorm(model_inputs(rows.head(1), meta), meta)
+    img = denorm(model_inputs(rows.head(1), meta), meta.mean, meta.std)
     assert img.shape == (1, 64, 64, 3) and 0 <= img.min() and img.max() <= 1
     assert cam_overlay(img[0], np.zeros((64, 64), np.float32)).dtype == np.uint8
 
@@ -138,13 +141,21 @@ def test_calibrate_run_stores_temperature(run, tmp_path):
     r = shutil.copytree(run, tmp_path/'run')
     res = calibrate_run(r)
     meta = read_meta(r)
-    assert meta['temperature'] == pytest.approx(res['temperature']) and meta['calibration']['fitted_on'] == 'valid'
+    assert meta.temperature == pytest.approx(res['temperature']) and meta.calibration['fitted_on'] == 'valid'
     assert res['valid']['nll_after'] <= res['valid']['nll_before'] + 1e-9
     model, meta = load_safe(r)
-    test = interpret_items(r)
+    test = prepare_items(labelled_items(r), meta)
     np.testing.assert_allclose(predict_probs(model, meta, test), softmax_t(predict_logits(model, meta, test), res['temperature']), atol=1e-5)
-    with pytest.raises(ValueError, match='positive'): save_temperature(r, -1.0)
+    assert update_meta(r, temperature=2.0).temperature == 2.0 and read_meta(r).temperature == 2.0   # the one writer of model.json
+    assert read_meta(r).calibration == meta.calibration and read_meta(r).classes == meta.classes     # the rest is kept
+    with pytest.raises(AttributeError, match="no field 'temprature'"): update_meta(r, temprature=2.0)
+    with pytest.raises(AttributeError, match="no field 'item_size'"): update_meta(r, item_size=99)   # a derived property
     assert not list(r.glob('.model.json.tmp*'))
+
+def test_update_meta_refuses_a_non_positive_temperature(run, tmp_path):
+    r = shutil.copytree(run, tmp_path/'run')
+    with pytest.raises(ValueError, match='positive'): update_meta(r, temperature=-1.0)
+    assert read_meta(r).temperature == 1.0
 
 def test_same_split_and_clear_error(run, tmp_path):
     other = shutil.copytree(run, tmp_path/'other')
@@ -153,20 +164,25 @@ def test_same_split_and_clear_error(run, tmp_path):
     df.to_csv(other/'split.csv', index=False)
     with pytest.raises(DataError, match=r'split\.csv .*differ.*same dataset, sample, seed'): same_split([run, other])
 
-def test_interpret_items_errors(run, tmp_path):
+def test_labelled_items_errors_and_raw_items(run, tmp_path):
     for c, f in (('blast', 0), ('basophil', 1)):
         (tmp_path/c).mkdir(); shutil.copy(pd.read_csv(run/'split.csv').file[f], tmp_path/c/'x.jpg')
-    with pytest.raises(DataError, match='not known to the model: blast'): interpret_items(run, tmp_path)
-    with pytest.raises(ModelFileError, match='not a bloodcell run folder'): interpret_items(tmp_path)
+    with pytest.raises(DataError, match='not known to the model: blast'): labelled_items(run, tmp_path)
+    with pytest.raises(ModelFileError, match='not a bloodcell run folder'): labelled_items(tmp_path)
+    shutil.rmtree(tmp_path/'blast'); shutil.copytree(tmp_path/'basophil', tmp_path/'Eosinophil')
+    df = labelled_items(run, tmp_path)                                   # raw, class-matched items: nothing presized yet
+    assert sorted(df.label) == ['basophil', 'eosinophil'] and 'image' not in df
+    _, meta = load_safe(run)
+    assert prepare_items(df, meta).image.map(lambda f: Path(f).exists()).all()
 
 def test_cli_interpret_writes_figures_and_tables(run, tmp_path, capsys):
-    args = vars(anno_parser(bloodcell_interpret).parse_args([str(run), '--out', str(tmp_path/'o'), '--top_k', '4',
-                                                             '--compare', str(run), '--save_temperature']))
-    assert args['compare'] == [str(run)] and args['save_temperature'] is True and args['top_k'] == 4
+    args = vars(command_parser(bloodcell_interpret, 'bloodcell interpret').parse_args(
+        [str(run), '--out', str(tmp_path/'o'), '--n-top-losses', '4', '--compare', str(run), '--save_temperature']))
+    assert args['compare'] == [str(run)] and args['save_temperature'] is True and args['n_top_losses'] == 4
     with pytest.raises(ValueError, match="Unknown CAM method 'gradcum'"): bloodcell_interpret(str(run), out=str(tmp_path/'x'), cam='gradcum')
     assert not (tmp_path/'x').exists()
     r = shutil.copytree(run, tmp_path/'run')
-    written = bloodcell_interpret(str(r), out=str(tmp_path/'o'), top_k=4, compare=[str(run)])
+    written = bloodcell_interpret(str(r), out=str(tmp_path/'o'), n_top_losses=4, compare=[str(run)])
     names = {p.name for p in written}
     assert {'predictions.csv', 'confusion_matrix.png', 'confusion_matrix_normalised.csv', 'most_confused.csv', 'top_losses.png',
             'cams_top_losses.png', 'cams_per_class.png', 'activations_first.png', 'activations_last.png', 'reliability.png',
@@ -174,9 +190,12 @@ def test_cli_interpret_writes_figures_and_tables(run, tmp_path, capsys):
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
     out = capsys.readouterr().out
     assert all(f"wrote {p}" in out for p in written)
+    preds = pd.read_csv(tmp_path/'o'/'predictions.csv')
+    acc = (preds.label == preds.prediction).mean()
+    assert f"test split: accuracy {acc:.4f}; temperature " in out        # interpret_run's (files, accuracy, temperature)
     assert len(pd.read_csv(tmp_path/'o'/'top_losses.csv')) == 4
     cal = json.loads((tmp_path/'o'/'calibration.json').read_text())
-    assert cal['saved'] is False and read_meta(r)['temperature'] == 1.0   # interpret does not touch the run by default
+    assert cal['saved'] is False and read_meta(r).temperature == 1.0   # interpret does not touch the run by default
     counts = pd.read_csv(tmp_path/'o'/'error_overlap_counts.csv')
     assert counts.images.sum() == len(pd.read_csv(tmp_path/'o'/'predictions.csv'))
     assert counts.images[1] == 0   # a run compared with itself: never exactly one of two wrong

@@ -10,6 +10,7 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import norm_bias_params
 from fastai.vision.core import imagenet_stats
 
+from bloodcell_fastai.core import BloodcellError, ModelFileError
 from bloodcell_fastai.models import ARCHS, Arch, CheckpointError, WeightsUnavailableError, bloodcell_learner, bloodcell_splitter, count_groups, create_model, get_arch, list_archs, model_splitter, model_stats, param_groups, read_state_dict, trainable_groups
 
 SMALL = ['resnet18', 'mobilenetv2', 'mobilenetv3_small', 'vit_tiny_2blocks', 'cnn_scratch', 'lenet5']
@@ -41,16 +42,6 @@ def r18_ckpt(tmp_path_factory):
     return m, d
 
 
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    "huggingface_hub (and torch.hub) as on an offline machine with an empty cache"
-    import huggingface_hub.constants as C
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(C, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(C, 'HF_HUB_CACHE', str(tmp_path/'hub'))
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'torch'))
-
-
 # ---------------------------------------------------------------- registry
 
 def test_registry_has_the_studies_architectures():
@@ -69,6 +60,7 @@ def test_registry_has_the_studies_architectures():
 def test_registry_entry_is_consistent_with_timm(key):
     a = ARCHS[key]
     assert a.family in {'cnn', 'vit', 'mixer', 'baseline'}
+    assert a.is_cnn != a.is_transformer and a.is_transformer == (a.family in ('vit', 'mixer'))
     if a.timm_name is None:
         assert a.family == 'baseline' and a.builder is not None
         return
@@ -268,6 +260,7 @@ def test_chopped_takes_a_full_resnet_checkpoint(r18_ckpt):
 
 
 def test_garbage_files_give_clear_errors(tmp_path, r18_ckpt):
+    assert issubclass(CheckpointError, ModelFileError)
     (tmp_path/'notes.pth').write_text('not a checkpoint')
     (tmp_path/'junk.safetensors').write_bytes(b'\x00\x01garbage')
     torch.save([1, 2, 3], tmp_path/'list.pt')
@@ -303,6 +296,7 @@ def test_non_strict_warns_and_loads_what_matches(r18_ckpt):
 def test_pretrained_true_offline_names_model_and_fix(offline_hub):
     with pytest.raises(WeightsUnavailableError) as e: create_model('resnet18', 8, pretrained=True)
     msg = str(e.value)
+    assert isinstance(e.value, BloodcellError)                           # the CLI reports it without a traceback, exit status 2
     assert "'resnet18'" in msg and 'huggingface.co/timm/resnet18' in msg
     assert 'offline' in msg and "pretrained='" in msg
     with pytest.raises(WeightsUnavailableError, match='vit_tiny_2blocks'):

@@ -11,16 +11,15 @@ from bloodcell_fastai.augment import *
 from bloodcell_fastai.ood import *
 from bloodcell_fastai.calibrate import calibrate_ood
 from bloodcell_fastai.shifts import *
-from bloodcell_fastai.imaging import load_rgb
 from bloodcell_fastai.data import load_items, split_items, presize, cell_dataloaders
-from bloodcell_fastai.core import DataError
-from bloodcell_fastai.export import load_safe, read_meta
-from bloodcell_fastai.inference import predict_probs, read_cell_found, prepare_items, predict
+from bloodcell_fastai.core import DataError, OOD_STATUS, NO_CELL_STATUS, ERROR_STATUS
+from bloodcell_fastai.export import ModelMeta, load_safe, read_meta
+from bloodcell_fastai.inference import predict_probs, read_cell_found, prepare_items, predict, score_items
 from bloodcell_fastai.metrics import restrict_probs
 from bloodcell_fastai.train import train
 from bloodcell_fastai.evaluate import evaluate_run
 
-TINY = dict(size=48, bs=16, epochs=2, lr=2e-3, num_workers=0, precision='fp32', sample=10)
+ROBUST_RUN = dict(size=48, bs=16, epochs=2, lr=2e-3, num_workers=0, precision='fp32', sample=10)
 WHITE = ['basophil', 'eosinophil', 'lymphocyte', 'monocyte', 'neutrophil'] # the other lab's five classes
 
 
@@ -45,7 +44,7 @@ def cells(pbc, cnmc_files, allidb_files):
 def run(data_root, tmp_path_factory):
     "A tiny 8-class PBC model trained once with the cell crop and the other-lab augmentation, OOD calibrated."
     return train(tmp_path_factory.mktemp('runs')/'robust', cell_crop=0.5, robust_aug=True, dataset='pbc',
-                 data=str(data_root/'pbc'), **TINY)
+                 data=str(data_root/'pbc'), **ROBUST_RUN)
 
 @pytest.fixture(scope='module')
 def small_items(pbc):
@@ -78,7 +77,7 @@ def test_find_cell_on_three_labs(cells):
 def test_cell_crop_contains_nucleus_at_ratio(cells):
     for ratio in (0.5, 0.7):
         for f in cells:
-            im = load_rgb(f); crop, box = cell_crop(im, ratio)
+            im = load_rgb(f); crop, box = crop_to_cell(im, ratio)
             assert box is not None and crop.width == crop.height, f
             # the nucleus sits in the centre of the crop, and hardly any stain is near its edges
             centre, ring = stain_share(crop, ratio*0.8)
@@ -90,16 +89,16 @@ def test_cell_crop_contains_nucleus_at_ratio(cells):
             assert abs((b2[0]+b2[2])/2/crop.width - 0.5) < 0.1 and abs((b2[1]+b2[3])/2/crop.height - 0.5) < 0.1, f
 
 def test_cell_crop_pads_cells_that_fill_the_frame(allidb_files):
-    im = load_rgb(allidb_files[0]); crop, box = cell_crop(im, 0.5)
+    im = load_rgb(allidb_files[0]); crop, box = crop_to_cell(im, 0.5)
     assert crop.width > im.width # the square runs past the image ...
     corner = np.asarray(crop)[:3, :3].reshape(-1, 3)
     assert (np.abs(corner - np.array(border_colour(im))) <= 1).all() # ... and is padded with the smear's own colour
 
 def test_cell_crop_without_a_cell():
     for im in (Image.new('RGB', (90, 70), (245, 225, 215)), Image.new('RGB', (50, 50), (0, 0, 0))):
-        crop, box = cell_crop(im)
+        crop, box = crop_to_cell(im)
         assert box is None and crop is im # kept whole, flagged
-    with pytest.raises(ValueError, match=r'ratio=1\.5: give a fraction'): cell_crop(Image.new('RGB', (9, 9)), 1.5)
+    with pytest.raises(ValueError, match=r'ratio=1\.5: give a fraction'): crop_to_cell(Image.new('RGB', (9, 9)), 1.5)
 
 def test_presize_cell_crop_flags_cache_and_errors(pbc, cnmc_files, tmp_path):
     Image.new('RGB', (64, 64), (245, 225, 215)).save(tmp_path/'field.png')
@@ -117,14 +116,15 @@ def test_presize_cell_crop_flags_cache_and_errors(pbc, cnmc_files, tmp_path):
     assert len(d) == 3 and d.cell_found.tolist() == [True, True, False]
 
 def test_read_cell_found_matches_presize(pbc, tmp_path):
-    meta = dict(size=48, item_size=64, preprocess=dict(cell_crop=dict(ratio=0.5)))
+    meta = ModelMeta('resnet18', ['a'], 48, [0.5]*3, [0.5]*3, presize=64, preprocess=dict(cell_crop=dict(ratio=0.5)))
+    assert meta.item_size == 64 and meta.cell_crop == 0.5
     f = pbc['monocyte'][1]
     im, found = read_cell_found(f, meta)
     p = prepare_items(pd.DataFrame({'file': [str(f)]}), meta)
     assert found and p.cell_found.iloc[0]
     np.testing.assert_array_equal(np.asarray(im), np.asarray(Image.open(p.image.iloc[0]).convert('RGB')))
     # without the key, the image is framed as before (no crop, no flag)
-    im2, found2 = read_cell_found(f, dict(size=48, item_size=64))
+    im2, found2 = read_cell_found(f, ModelMeta('resnet18', ['a'], 48, [0.5]*3, [0.5]*3, presize=64))
     assert found2 is None and np.abs(np.asarray(im2, dtype=int) - np.asarray(im, dtype=int)).mean() > 5
     with pytest.raises(DataError, match='does not exist'): read_cell_found(tmp_path/'nope.jpg', meta)
 
@@ -206,15 +206,15 @@ def test_robust_augmentation_train_only(small_items):
 
 def test_train_records_robust_options(run):
     meta = read_meta(run)
-    assert meta['preprocess']['cell_crop'] == {'ratio': 0.5}
+    assert meta.preprocess['cell_crop'] == {'ratio': 0.5} and meta.cell_crop == 0.5
     rec = json.loads((run/'record.json').read_text())
     assert rec['status'] == 'done' and rec['config']['cell_crop'] == 0.5 and rec['config']['robust_aug']
     assert rec['config']['max_hue'] == 0.1 and rec['config']['max_lighting'] == 0.3
     assert rec['ood']['score'] == 'feature_stats' and 'means' not in rec['ood'] # the summary; statistics stay in model.json
-    ood = meta['ood']
+    ood = meta.ood
     assert ood['score'] == 'feature_stats' and ood['percentile'] == 95 and np.isfinite(ood['threshold'])
     # class means of the last stage's per-channel mean and std: 2 x 512 statistics for a ResNet18
-    assert np.array(ood['means']).shape == (len(meta['classes']), 1024) and len(ood['var']) == 1024
+    assert np.array(ood['means']).shape == (len(meta.classes), 1024) and len(ood['var']) == 1024
     assert rec['final_metrics']['test']['n_images'] > 0
 
 
@@ -258,7 +258,7 @@ def test_ood_separates_pbc_from_cnmc(run, cnmc_files):
     # calibration: the threshold is the 95th percentile of the validation scores
     model, meta = load_safe(run)
     z, s = score_items(model, meta, prepare_items(sp[sp.split=='valid'].reset_index(drop=True), meta))
-    assert meta['ood']['threshold'] == pytest.approx(np.percentile(s, 95))
+    assert meta.ood['threshold'] == pytest.approx(np.percentile(s, 95))
 
 def test_predict_ood_and_cell_statuses(run, cnmc_files, tmp_path):
     sp = pd.read_csv(run/'split.csv')
@@ -268,8 +268,9 @@ def test_predict_ood_and_cell_statuses(run, cnmc_files, tmp_path):
     files = pbc + [str(f) for f in cnmc_files[:8]] + [str(tmp_path/'empty_field.png'), str(tmp_path/'broken.bmp')]
     res = predict(run, files, n_workers=1)
     assert len(res) == len(files) and res.file.tolist() == files
-    assert res.status.iloc[-1] == 'error' and 'broken.bmp' in res.error.iloc[-1]
-    assert res.cell_found.iloc[-2] == False and res.status.iloc[-2] in (NO_CELL_STATUS, OOD_STATUS)
+    assert res.status.iloc[-1] == ERROR_STATUS and 'broken.bmp' in res.error.iloc[-1]
+    assert res.cell_found.iloc[-2] == False                             # the empty field: no cell, unless the OOD flag says more
+    assert res.status.iloc[-2] == (OOD_STATUS if res.ood.iloc[-2] else NO_CELL_STATUS)
     assert res.cell_found.iloc[:16].all()
     ood_pbc, ood_cnmc = res.ood.iloc[:8].astype(float).mean(), res.ood.iloc[8:16].astype(float).mean()
     assert ood_cnmc > ood_pbc and ood_cnmc >= 0.5, (ood_pbc, ood_cnmc)
@@ -278,19 +279,19 @@ def test_predict_ood_and_cell_statuses(run, cnmc_files, tmp_path):
     # the same probabilities as the presize path
     model, meta = load_safe(run)
     p = predict_probs(model, meta, prepare_items(pd.DataFrame({'file': pbc}), meta))
-    np.testing.assert_allclose(res[[f'prob_{c}' for c in meta['classes']]].iloc[:8].values, p, atol=1e-5)
+    np.testing.assert_allclose(res[[f'prob_{c}' for c in meta.classes]].iloc[:8].values, p, atol=1e-5)
     # TTA changes the probabilities, not the OOD score (taken from the plain pass) nor the cell flag
     tta = predict(run, files[:16], tta=True, n_workers=1)
     np.testing.assert_allclose(tta.ood_score.values, res.ood_score.iloc[:16].values, atol=1e-4)
-    assert tta.cell_found.all() and not np.allclose(tta[[f'prob_{c}' for c in meta['classes']]].values,
-                                                   res[[f'prob_{c}' for c in meta['classes']]].iloc[:16].values)
+    assert tta.cell_found.all() and not np.allclose(tta[[f'prob_{c}' for c in meta.classes]].values,
+                                                   res[[f'prob_{c}' for c in meta.classes]].iloc[:16].values)
 
 def test_calibrate_ood_other_scores(run, cnmc_files):
     sp = pd.read_csv(run/'split.csv')
     valid = sp[sp.split=='valid'].reset_index(drop=True)
     for score in ('energy', 'msp', 'mahalanobis', 'cosine'):
         ood = calibrate_ood(run, score)
-        assert read_meta(run)['ood']['score'] == score and np.isfinite(ood['threshold'])
+        assert read_meta(run).ood['score'] == score and np.isfinite(ood['threshold'])
         model, meta = load_safe(run)
         z, s = score_items(model, meta, prepare_items(valid, meta)) # every score can be computed again from the meta
         assert s.shape == (len(valid),) and ood['threshold'] == pytest.approx(np.percentile(s, 95))
@@ -314,7 +315,7 @@ def test_restricted_evaluation_on_five_classes(run, pbc, tmp_path):
     # the restricted predictions are the renormalised probabilities of the cell-cropped images
     model, meta = load_safe(run)
     df = load_items('folder', tmp_path/'five')
-    p = restrict_probs(predict_probs(model, meta, prepare_items(df, meta)), meta['classes'], WHITE)
+    p = restrict_probs(predict_probs(model, meta, prepare_items(df, meta)), meta.classes, WHITE)
     cm = np.zeros((5, 5), int)
     for t, q in zip(df.label.map(WHITE.index), p.argmax(1)): cm[t, q] += 1
     assert r['confusion_matrix'] == cm.tolist()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import bloodcell_fastai.study as S
 from bloodcell_fastai.data import load_items, split_items, load_split
-from bloodcell_fastai.core import atomic_write
+from bloodcell_fastai.core import atomic_write, ConfigError
 from bloodcell_fastai.study import load_study_config, study_runs, train_on_split, run_status, split_key, read_record, run_study, study_results, read_results, StudyError
 from bloodcell_fastai.cli import bloodcell_study
 
@@ -46,7 +46,8 @@ def test_shipped_configs_expand_to_the_documented_grids():
                                       (dict(archs=['lenet5'], learning_rate=1), 'learning_rate'), (dict(archs=[]), 'no architectures'),
                                       (dict(archs=['lenet5'], ratios=[5, 2]), 'ratios')])
 def test_bad_configs_fail_before_training(bad, msg):
-    with pytest.raises(ValueError, match=msg): load_study_config(bad)
+    with pytest.raises(ConfigError, match=msg): load_study_config(bad)
+    assert issubclass(StudyError, ConfigError) and issubclass(ConfigError, ValueError)
 
 def test_train_on_split_trains_on_exactly_the_given_split(tmp_path, data_root):
     items = load_items('pbc').groupby('label').head(6)

@@ -3,16 +3,17 @@ import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from fastai.vision.all import Callback, CancelFitException
-from bloodcell_fastai.core import DataError
+from bloodcell_fastai.core import DataError, ConfigError
 from bloodcell_fastai.data import folder_items
 from bloodcell_fastai.models import create_model, trainable_groups, count_groups
 from bloodcell_fastai.train import *
-from bloodcell_fastai.train import run_learner, run_dataloaders, run_stages
+from bloodcell_fastai.train import run_items, run_learner, run_dataloaders, run_stages
 from bloodcell_fastai.export import load_safe
+from bloodcell_fastai.evaluate import evaluate_run
 from bloodcell_fastai.inference import predict_probs, prepare_items
 from bloodcell_fastai.core import ModelFileError
 
-TINY = dict(dataset='folder', size=32, bs=8, lr=2e-3, num_workers=0, valid_pct=0.25, test_pct=0.25, precision='fp32')
+FOLDER_RUN = dict(dataset='folder', size=32, bs=8, lr=2e-3, num_workers=0, valid_pct=0.25, test_pct=0.25, precision='fp32')
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +35,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope='module')
 def run(tree, tmp_path_factory):
     return train(tmp_path_factory.mktemp('runs')/'r', data=str(tree), arch='resnet18', epochs=3, label_smoothing=0.1,
-                 export_pickle=True, **TINY)
+                 export_pickle=True, **FOLDER_RUN)
 
 
 def train_set_loss(learn):
@@ -69,7 +70,7 @@ def test_record_and_run_folder(run):
 def test_safe_export_roundtrip_same_predictions(run):
     from fastai.learner import load_learner
     model, meta = load_safe(run)
-    assert meta['classes'] == ['basophil','eosinophil','lymphocyte'] and meta['size'] == 32
+    assert meta.classes == ['basophil','eosinophil','lymphocyte'] and meta.size == 32
     df = pd.read_csv(run/'split.csv').query("split=='test'")
     items = prepare_items(df, meta)
     p1 = predict_probs(model, meta, items)
@@ -114,9 +115,9 @@ def test_evaluate_cli_json(run, tmp_path):
 
 @pytest.mark.parametrize('recipe', ['fine_tune', 'gradual', 'all_at_once'])
 def test_recipes_train_the_right_groups(recipe, tree, ckpt, tmp_path):
-    cfg = train_config(**{**TINY, 'data': str(tree), 'arch': 'lenet5', 'pretrained': str(ckpt), 'recipe': recipe,
+    cfg = train_config(**{**FOLDER_RUN, 'data': str(tree), 'arch': 'lenet5', 'weights': str(ckpt), 'recipe': recipe,
                           'epochs': 6, 'freeze_epochs': 2, 'lr': 2e-2, 'bs': 4})
-    df = __import__('bloodcell_fastai.train', fromlist=['run_items']).run_items(cfg)
+    df = run_items(cfg)
     learn = run_learner(run_dataloaders(df, cfg), cfg)
     n = count_groups(learn)
     assert n == 4                                                       # conv1, conv2, fc, head
@@ -126,9 +127,9 @@ def test_recipes_train_the_right_groups(recipe, tree, ckpt, tmp_path):
     first = spy.seen[0]
     assert first == [False]*(n-1) + [True]                              # the head alone first
     assert spy.seen[-1] == [True]*n                                     # everything at the end
-    if recipe == 'gradual':
-        assert spy.seen[1] == [False]*(n-2) + [True, True]              # freeze_to(-2): exactly the last two
-        assert len(spy.seen) == len(stages) >= 3
+    if recipe == 'gradual':                                             # one more group per stage, head first
+        assert [s['freeze_to'] for s in stages] == [-1, -2, -3, None]
+        assert spy.seen == [[False]*(n-k) + [True]*k for k in range(1, n+1)]
     else:
         assert len(spy.seen) == 2
     learn.remove_cb(spy)
@@ -136,7 +137,7 @@ def test_recipes_train_the_right_groups(recipe, tree, ckpt, tmp_path):
 
 
 def test_mixup_scratch_loss_decreases(tree, tmp_path):
-    r = train(tmp_path/'m', data=str(tree), arch='resnet18', epochs=4, mixup=0.4, **TINY)
+    r = train(tmp_path/'m', data=str(tree), arch='resnet18', epochs=4, mixup=0.4, **FOLDER_RUN)
     h = pd.read_csv(r/'history.csv')
     assert h.train_loss.iloc[-1] < h.train_loss.iloc[0]
     assert json.loads((r/'record.json').read_text())['config']['mixup'] == 0.4
@@ -157,7 +158,7 @@ def test_resume_after_interruption(tree, tmp_path, monkeypatch):
         return orig_fit(self, n, lr, cbs=(cbs or []) + [Interrupt(2)], **kw)
     monkeypatch.setattr(T.Learner, 'fit_one_cycle', crash_fit)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path/'r', data=str(tree), arch='resnet18', epochs=4, **TINY)
+        train(tmp_path/'r', data=str(tree), arch='resnet18', epochs=4, **FOLDER_RUN)
     prog = json.loads((tmp_path/'r'/'checkpoints'/'progress.json').read_text())
     assert prog == {'stage': 0, 'epoch': 1}
     assert json.loads((tmp_path/'r'/'record.json').read_text())['status'] == 'training'
@@ -187,16 +188,42 @@ def test_cpu_autocast_wraps_forward_not_augmentation():
     learn = synth_learner(n_trn=16, cbs=[CPUAutocast(), Probe(), Probe2()])
     learn.fit(1)
     assert seen == {'aug': False, 'fwd0': True, 'fwd': True, 'after': False}
-    assert resolve_precision('fp32') == 'fp32'
-    assert resolve_precision('auto') in ('bf16', 'fp32')
+    assert resolve_precision('fp32') == 'fp32' and resolve_precision('bf16') == 'bf16'
+    cuda = torch.cuda.is_available()
+    assert resolve_precision('auto') == (('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else 'fp32')
+
+
+def test_precision_callbacks():
+    from fastai.callback.channelslast import ChannelsLast
+    from bloodcell_fastai.train import CPUAutocast
+    names = lambda cbs: [type(c).__name__ for c in cbs]
+    assert names(precision_callbacks('fp32', True, cnn=True)) == ['ChannelsLast']
+    assert precision_callbacks('fp32', True, cnn=False) == [] and precision_callbacks('fp32', False, cnn=True) == []
+    if not torch.cuda.is_available():
+        assert names(precision_callbacks('bf16', False, cnn=True)) == ['CPUAutocast']
+        with pytest.raises(ConfigError, match="precision='fp16' needs a GPU"): precision_callbacks('fp16', False, cnn=True)
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match='Unknown training option'): train_config(epoch=3)
-    with pytest.raises(ValueError, match='recipe='): train_config(recipe='slow')
-    with pytest.raises(ValueError, match='MixUp or CutMix'): train_config(mixup=0.4, cutmix=1.0)
+    with pytest.raises(ConfigError, match='Unknown training option'): train_config(epoch=3)
+    with pytest.raises(ConfigError, match='recipe='): train_config(recipe='slow')
+    with pytest.raises(ConfigError, match='MixUp or CutMix'): train_config(mixup=0.4, cutmix=1.0)
+    with pytest.raises(ConfigError, match='resnet18'): train_config(arch='resnet_18')        # a typo: the suggestion
+    assert issubclass(ConfigError, ValueError)
     assert train_config(pretrained=True)['recipe'] == 'fine_tune' and train_config()['recipe'] == 'scratch'
-    assert gradual_schedule(6, steps=2) == [-1, -4, None] or gradual_schedule(6, steps=2)[-1] is None
+    assert train_config(weights='w.safetensors')['recipe'] == 'fine_tune'             # a local checkpoint is a start too
+    assert train_config()['dataset'] == 'pbc' and train_config(data='mylab')['dataset'] == 'folder'
+    assert train_config(data='x', dataset='cnmc')['dataset'] == 'cnmc' and TRAIN_DEFAULTS['dataset'] is None
+
+
+def test_gradual_schedule_exact():
+    "freeze_to(-(k+1)) trains the head and the last k body groups; the steps spread the body evenly, ending with everything."
+    assert gradual_schedule(6, steps=2) == [-1, -3, None]
+    assert gradual_schedule(6) == [-1, -2, -3, -5, None]                   # at most 4 steps by default
+    assert gradual_schedule(4) == [-1, -2, -3, None]                       # one step per body group
+    assert gradual_schedule(4, steps=1) == gradual_schedule(4, steps=0) == [-1, None]
+    assert gradual_schedule(4, steps=9) == gradual_schedule(4)
+    assert [s['freeze_to'] for s in recipe_stages(train_config(recipe='gradual', epochs=5), 6, 1e-3)] == [-1, -2, -3, -5, None]
 
 
 def test_train_cli_hyphenated_options(tree, tmp_path, capsys):
@@ -205,8 +232,24 @@ def test_train_cli_hyphenated_options(tree, tmp_path, capsys):
           '--bs', '8', '--lr', '1e-3', '--label-smoothing', '0.1', '--precision', 'fp32'])
     out = capsys.readouterr().out
     assert 'test accuracy' in out and f"wrote {tmp_path/'c'/'model.safetensors'}" in out
+    assert 'out-of-distribution flag: feature_stats score above' in out       # calibrated by default
     with pytest.raises(SystemExit) as e: main(['train', '--data', str(tmp_path/'nope'), '--dataset', 'folder', '--out', str(tmp_path/'d')])
-    assert e.value.code == 1
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('bloodcell train: error: ') and 'nope does not exist' in err[0]
+
+
+def test_train_cli_weights_and_no_ood(tree, ckpt, tmp_path, capsys):
+    "`--weights FILE` starts from a local checkpoint (not `--pretrained`, which is ImageNet from the hub); `--no-ood` skips the flag."
+    from bloodcell_fastai.cli import main
+    from bloodcell_fastai.export import read_meta
+    main(['train', '--out', str(tmp_path/'w'), '--data', str(tree), '--arch', 'lenet5', '--weights', str(ckpt), '--no-ood',
+          '--size', '32', '--epochs', '1', '--bs', '8', '--lr', '1e-3', '--precision', 'fp32'])
+    rec = json.loads((tmp_path/'w'/'record.json').read_text())
+    assert rec['config']['weights'] == str(ckpt) and rec['config']['pretrained'] is False
+    assert rec['config']['recipe'] == 'fine_tune' and rec['pretrained_source'] == str(ckpt.resolve())
+    assert rec['config']['ood_score'] is None and 'ood' not in rec and read_meta(tmp_path/'w').ood is None
+    assert 'out-of-distribution' not in capsys.readouterr().out
 
 
 def test_vit_standin_gradual_mixup_smoothing_export(tree, tmp_path):
@@ -214,12 +257,12 @@ def test_vit_standin_gradual_mixup_smoothing_export(tree, tmp_path):
     from safetensors.torch import save_file
     ck = tmp_path/'vit.safetensors'
     save_file({k: v.contiguous() for k, v in create_model('vit_tiny_2blocks', 1000, img_size=32).state_dict().items()}, str(ck))
-    r = train(tmp_path/'vit', data=str(tree), arch='vit_tiny_2blocks', pretrained=str(ck), recipe='gradual', epochs=2,
-              mixup=0.4, label_smoothing=0.1, **TINY)
+    r = train(tmp_path/'vit', data=str(tree), arch='vit_tiny_2blocks', weights=str(ck), recipe='gradual', epochs=2,
+              mixup=0.4, label_smoothing=0.1, **FOLDER_RUN)
     rec = json.loads((r/'record.json').read_text())
     assert rec['n_groups'] == 4 and [s['freeze_to'] for s in rec['stages']] == [-1, -2, -3, None]
     model, meta = load_safe(r)
-    assert meta['arch'] == 'vit_tiny_2blocks' and meta['mean'] == [0.5, 0.5, 0.5]      # the ViT's own normalisation
+    assert meta.arch == 'vit_tiny_2blocks' and meta.mean == [0.5, 0.5, 0.5]      # the ViT's own normalisation
     df = prepare_items(pd.read_csv(r/'split.csv').query("split=='test'"), meta)
     assert predict_probs(model, meta, df).shape == (len(df), 3)
 
