@@ -266,8 +266,8 @@ def error_overlap(preds:pd.DataFrame|dict, # predicted labels (names or indices)
     P = pd.DataFrame(preds)
     right = P.eq(pd.Series(np.asarray(targets), index=P.index), axis=0)
     tab = right.copy()
-    tab['n_wrong'] = (~right).sum(1)
-    tab['only_right'] = np.where(right.sum(1) == 1, right.idxmax(1), '')
+    tab['n_wrong'] = (~right).sum(axis=1)
+    tab['only_right'] = np.where(right.sum(axis=1) == 1, right.idxmax(axis=1), '')
     return tab
 
 # %% ../nbs/07_interpret.ipynb #fe2f9ba4

@@ -9,6 +9,7 @@ __all__ = ['ARCHS', 'CNNScratch', 'LeNet5', 'Arch', 'register_arch', 'get_arch',
            'trainable_groups']
 
 # %% ../nbs/01_models.ipynb #c118335d
+from .core import BloodcellError, ModelFileError # first: the package silences fastai's import-time warning
 import sys, re, warnings, difflib, argparse, contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.transforms import get_c
 from fastai.vision.core import imagenet_stats
-from .core import BloodcellError, ModelFileError
 
 # %% ../nbs/01_models.ipynb #65b4b526
 def _conv_pool(ni:int, nf:int, bn:bool=True) -> nn.Sequential:

@@ -4,7 +4,8 @@
     .venv/bin/nbdev_clean        # then clean (execution counts, metadata) before committing
 
 Large PNG outputs (figure grids, CAM overlays) are re-encoded as JPEG so notebooks stay small in git
-(`--shrink-only` does just that to already-run notebooks).
+(`--shrink-only` does just that to already-run notebooks). Paths of this machine are written as a reader's would
+be: `$BLOODCELL_DATA` for the data folder, `.` for the checkout, `$TMP` for temporary folders.
 Cells flagged with a `tst_flags` flag (`#| slow`, `#| gpu`, `#| download`) and `#| eval: false` cells are not run,
 exactly as in `nbdev_test`; their stored outputs are cleared. A notebook that fails is left unchanged.
 """
@@ -33,6 +34,23 @@ def shrink_outputs(nb, max_b64: int = 120_000, max_width: int = 1400, quality: i
     return nb
 
 
+def scrub_paths(nb):
+    "Replace this machine's paths in text outputs: the data folder, the checkout and temporary folders."
+    import re, tempfile
+    subs = [(str(Path(os.environ['BLOODCELL_DATA']).resolve()), '$BLOODCELL_DATA')] if os.environ.get('BLOODCELL_DATA') else []
+    subs += [(str(Path(__file__).resolve().parents[1]), '.')]
+    tmp = re.compile(re.escape(tempfile.gettempdir()) + r'/tmp\w+')
+    def fix(s):
+        for a, b in subs: s = s.replace(a, b)
+        return tmp.sub('$TMP', s)
+    for c in nb.cells:
+        for o in c.get('outputs', []) if c.cell_type == 'code' else []:
+            if 'text' in o: o['text'] = fix(''.join(o['text']) if isinstance(o['text'], list) else o['text'])
+            for k, v in o.get('data', {}).items():
+                if k.startswith('text/'): o['data'][k] = fix(''.join(v) if isinstance(v, list) else v)
+    return nb
+
+
 def run_nb(fn: Path, flags: set) -> bool:
     "Run `fn` in a fresh shell, skipping flagged cells, and write it back with its outputs."
     nb = read_nb(fn)
@@ -42,14 +60,14 @@ def run_nb(fn: Path, flags: set) -> bool:
         d = extract_directives(cell, remove=False)
         if d.get('eval:', [''])[0].lower() == 'false': return True
         return bool(flags & d.keys())
-    for c in nb.cells:
-        if c.cell_type == 'code' and skip(c): c.outputs = []
+    for c in nb.cells: # every output is this run's: execnb leaves a cell that prints nothing with its old outputs
+        if c.cell_type == 'code': c.outputs = []
     k = CaptureShell(fn)
     try:
         with working_directory(fn.parent): k.run_all(nb, exc_stop=True, preproc=skip)
     except Exception:
         sys.stderr.write(k.prettytb(fname=fn) + '\n'); return False
-    write_nb(shrink_outputs(nb), fn)
+    write_nb(scrub_paths(shrink_outputs(nb)), fn)
     return True
 
 
