@@ -10,6 +10,7 @@ from PIL import Image
 from skimage.color import rgb_from_hed, hed_from_rgb
 from fastcore.all import *
 from fastai.vision.all import RandTransform, TensorImage, PILImage
+from .core import ConfigError
 from .imaging import load_rgb, find_cell, CELL_RATIO, crop_padded
 
 # %% auto #0
@@ -153,7 +154,7 @@ def robust_tfms(cover:float=CELL_RATIO, # nucleus side / image side in the train
                )->tuple:
     "`(item_tfms, batch_tfms)` that imitate other labs' scale, stain, focus, compression and resolution."
     lo, hi = min_cover/cover, max_cover/cover
-    if not lo < hi: raise ValueError(f"min_cover={min_cover} must be below max_cover={max_cover}")
+    if not lo < hi: raise ConfigError(f"min_cover={min_cover} must be below max_cover={max_cover}")
     item = [RandomScale(lo, hi, p=p_zoom), RandomDownscale(min_downscale, p=p_downscale), RandomJPEG(min_quality, 60, p=p_jpeg)]
     batch = [HEDJitter(max_hed, max_hed_shift, p=p_hed), RandomBlur(max_blur, p=p_blur)]
     return item, batch

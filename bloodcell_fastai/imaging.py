@@ -15,7 +15,7 @@ from skimage.measure import label as label_components, regionprops
 from skimage.morphology import disk
 from fastcore.foundation import L
 from fastai.vision.all import image_extensions
-from .core import DataError
+from .core import DataError, ConfigError
 
 # %% auto #0
 __all__ = ['MAX_PIXELS', 'IMAGE_EXTS', 'CELL_RATIO', 'CELL_CROP_VERSION', 'load_rgb', 'to_rgb', 'is_hidden', 'image_files',
@@ -116,7 +116,7 @@ def square_around(box:tuple, # (x0, y0, x1, y1) of the cell
                   ratio:float=CELL_RATIO, # side of the box / side of the square
                  )->tuple:
     "Integer square `(x0, y0, x1, y1)` centred on `box` whose side is the box's longer side / `ratio`."
-    if not 0 < ratio <= 1: raise ValueError(f"cell crop ratio={ratio}: give a fraction in (0, 1], e.g. 0.5")
+    if not 0 < ratio <= 1: raise ConfigError(f"cell crop ratio={ratio}: give a fraction in (0, 1], e.g. 0.5")
     x0, y0, x1, y1 = box
     s = max(1, round(max(x1-x0, y1-y0)/ratio))
     l, t = round((x0+x1)/2 - s/2), round((y0+y1)/2 - s/2)
@@ -203,7 +203,7 @@ def crop_to_cell(im:Image.Image, # RGB image
               **kwargs, # passed to `find_cell`
              )->tuple:
     "`(crop, box)`: a square centred on the cell with the nucleus spanning `ratio` of it, or `(im, None)` when no cell is found."
-    if not 0 < ratio <= 1: raise ValueError(f"cell crop ratio={ratio}: give a fraction in (0, 1], e.g. 0.5")
+    if not 0 < ratio <= 1: raise ConfigError(f"cell crop ratio={ratio}: give a fraction in (0, 1], e.g. 0.5")
     box = box or find_cell(im, **kwargs)
     if box is None: return im, None
     return crop_padded(im, square_around(box, ratio)), box

@@ -9,7 +9,7 @@ __all__ = ['ARCHS', 'CNNScratch', 'LeNet5', 'Arch', 'register_arch', 'get_arch',
            'trainable_groups']
 
 # %% ../nbs/01_models.ipynb #c118335d
-from .core import BloodcellError, ModelFileError # first: the package silences fastai's import-time warning
+from .core import BloodcellError, ModelFileError, ConfigError # first: the package silences fastai's import-time warning
 import sys, re, warnings, difflib, argparse, contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -261,9 +261,9 @@ def _timm_pretrained(a:Arch, n_out:int, kw:dict) -> tuple:
     "Build `a` with timm's pretrained weights; a clear `WeightsUnavailableError` when they cannot be fetched"
     cfg = get_pretrained_cfg(a.timm_name)
     src = _hub_source(cfg)
-    if not src: raise ValueError(f"timm has no pretrained weights for {a.timm_name!r}: use pretrained=False or a checkpoint path")
+    if not src: raise ConfigError(f"timm has no pretrained weights for {a.timm_name!r}: use pretrained=False or a checkpoint path")
     if a.family == 'mixer' and kw.get('img_size', a.size) != cfg.input_size[-1]:
-        raise ValueError(f"{a.key}: pretrained Mixer weights only load at img_size={cfg.input_size[-1]} (its token-mixing "
+        raise ConfigError(f"{a.key}: pretrained Mixer weights only load at img_size={cfg.input_size[-1]} (its token-mixing "
                          f"MLPs are sized by the number of patches); got img_size={kw.get('img_size')}")
     with torch.device('meta'): timm.create_model(a.timm_name, pretrained=False, num_classes=n_out, **kw)  # bad kwargs fail here, not as "offline"
     try: return timm.create_model(a.timm_name, pretrained=True, num_classes=n_out, **kw), src
@@ -292,9 +292,9 @@ def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm mo
     else: img_size = None
     src = None
     if a.builder is not None:
-        if pretrained is True: raise ValueError(f"{a.key!r} is a home-made baseline: there are no ImageNet weights. "
+        if pretrained is True: raise ConfigError(f"{a.key!r} is a home-made baseline: there are no ImageNet weights. "
                                                 "Use pretrained=False or the path of a checkpoint of this baseline.")
-        if chop: raise ValueError(f"chop_last only applies to ResNets, not {a.key!r}")
+        if chop: raise ConfigError(f"chop_last only applies to ResNets, not {a.key!r}")
         model = a.builder(n_out, **kw)
     elif pretrained is True: model, src = _timm_pretrained(a, n_out, kw)
     else: model = timm.create_model(a.timm_name, pretrained=False, num_classes=n_out, **kw)

@@ -10,7 +10,7 @@ import numpy as np, pandas as pd
 from PIL import Image, ImageFilter
 from fastcore.parallel import parallel
 from fastai.vision.all import defaults
-from .core import DataError
+from .core import DataError, ConfigError
 from .imaging import load_rgb, crop_to_cell
 from .export import load_safe
 from .inference import prepare_items, score_items
@@ -32,7 +32,7 @@ def shift_image(im:Image.Image, # RGB image as published
                 downscale:float=0.4, # `downscale`: side as a fraction of `item_size`
                )->Image.Image:
     "A copy of a cell image as another lab might have taken it: zoomed, restained, blurred, compressed or low-resolution."
-    if kind not in SHIFTS: raise ValueError(f"shift {kind!r}: choose one of {', '.join(SHIFTS)}")
+    if kind not in SHIFTS: raise ConfigError(f"shift {kind!r}: choose one of {', '.join(SHIFTS)}")
     if kind=='clean': return im
     if kind=='zoom': return crop_to_cell(im, zoom_ratio)[0]
     if kind=='stain':
