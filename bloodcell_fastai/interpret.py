@@ -341,7 +341,61 @@ def _save_fig(fig, fn, written):
 def _save_csv(df, fn, written, index=False):
     atomic_write(fn, df.to_csv(index=index)); written.append(Path(fn))
 
-# %% ../nbs/07_interpret.ipynb #b546a1e8
+# %% ../nbs/07_interpret.ipynb #8d6b36de
+def _write_errors(interp, out, k, w):
+    "Predictions, confusion matrices (counts and row-normalised), most confused pairs and the top losses."
+    import matplotlib.pyplot as plt
+    _save_csv(interp.predictions_table(), out/'predictions.csv', w)
+    for norm, name in ((False, 'confusion_matrix'), (True, 'confusion_matrix_normalised')):
+        _save_csv(interp.confusion_table(norm), out/f'{name}.csv', w, index=True)
+        with np.errstate(invalid='ignore'): interp.plot_confusion_matrix(normalize=norm, figsize=(6, 6))
+        _save_fig(plt.gcf(), out/f'{name}.png', w)
+    _save_csv(interp.most_confused_table(), out/'most_confused.csv', w)
+    _save_csv(interp.top_losses_table(k), out/'top_losses.csv', w)
+    interp.plot_top_losses(k, figsize=(14, 3.6 * math.ceil(k / 4)), ncols=4); _save_fig(plt.gcf(), out/'top_losses.png', w)
+
+def _write_maps(interp, out, k, cams, w):
+    "CAMs of the top losses and of one image per class, and the first and last conv layers' feature maps (CNNs)."
+    model, meta, items = interp.model, interp.meta, interp.items
+    _save_fig(plot_top_loss_cams(interp, min(k, 6), cams), out/'cams_top_losses.png', w)
+    per_class = items.groupby('label').head(1).head(8).reset_index(drop=True)
+    _save_fig(plot_class_cams(model, meta, per_class, method=cams[0]), out/'cams_per_class.png', w)
+    convs = conv_layers(model) if get_arch(meta.arch).is_cnn else []
+    if not convs: return
+    x0 = model_inputs(per_class.head(1), meta)[0]
+    for which, (name, layer) in (('first', convs[0]), ('last', convs[-1])):
+        a = layer_activations(model, x0, layer)
+        _save_fig(plot_activations(a, title=f"{which} conv {name}: {len(a)} maps, {Path(per_class.file[0]).name}"), out/f'activations_{which}.png', w)
+
+# %% ../nbs/07_interpret.ipynb #3c0af7b6
+def _write_label_issues(interp, run_dir, data, cal, out, w):
+    "Suspected label errors on out-of-sample images (the run's validation and test splits, or `data`), from logits already computed."
+    meta = interp.meta
+    if data is None:
+        zs = {s: cal['logits'][s][0] for s in ('valid', 'test') if s in cal['logits']}
+        oos = pd.concat([prepare_items(labelled_items(run_dir, split=s), meta) for s in zs], ignore_index=True)
+        p_oos = softmax_t(np.concatenate(list(zs.values())), meta.temperature)
+    else: oos, p_oos = interp.items, interp.probs
+    issues = pd.concat([label_issues(p_oos, oos.label, meta.classes, oos), duplicate_conflicts(oos)], ignore_index=True)
+    _save_csv(issues, out/'label_issues.csv', w)
+    if not len(issues): return
+    top = issues.head(12)
+    _save_fig(show_items(top, [f"{r.label} → {r.suggested}" if r.reason == 'confident learning' else f"{r.label} = {r.other_labels}"
+                               for r in top.itertuples()], suptitle='suspected label errors (given → suggested)'), out/'label_issues.png', w)
+
+def _write_overlap(run_dirs, items, bs, out, w):
+    "Errors across runs on the same split: per-image table, counts, and the images all get wrong or only one gets right."
+    same_split(run_dirs)
+    preds = runs_predictions(run_dirs, items, bs)
+    tab = error_overlap(preds, items.label)
+    _save_csv(pd.concat([items[['file', 'label']], preds.add_prefix('pred_'), tab], axis=1), out/'error_overlap.csv', w)
+    _save_csv(overlap_counts(tab), out/'error_overlap_counts.csv', w, index=True)
+    for name, mask in (('all_wrong', tab.n_wrong == len(run_dirs)), ('only_one_right', tab.only_right != '')):
+        sel = items[mask].head(24)
+        _save_fig(show_items(sel, [f"{sel.label[i]}\n{'only ' + tab.only_right[i] if name == 'only_one_right' else ', '.join(preds.loc[i].unique())}"
+                                   for i in sel.index], suptitle=f"{name.replace('_', ' ')}: {mask.sum()} images"), out/f'{name}.png', w)
+
+# %% ../nbs/07_interpret.ipynb #338f4179
 def interpret_run(run_dir:str|Path, # run folder (with model.safetensors, model.json and split.csv)
                   out:str|Path='interpret', # folder for the figures (PNG) and tables (CSV)
                   data:str|Path=None, # labelled folder, one sub-folder per class; default the run's own test split
@@ -354,58 +408,18 @@ def interpret_run(run_dir:str|Path, # run folder (with model.safetensors, model.
                   save_temperature:bool=False, # store the temperature fitted on the validation split in model.json
                   bs:int=64, # batch size
                  )->tuple:
-    "Confusion matrices, top losses, CAMs, feature maps, label issues, calibration (and errors across runs): `(files written, accuracy)`."
-    import matplotlib.pyplot as plt
+    "Confusion matrices, top losses, CAMs, feature maps, label issues, calibration (and errors across runs): `(files written, accuracy, temperature)`."
     for m in (cam, cam2):
         if m not in cam_methods(): raise ConfigError(f"Unknown CAM method {m!r}: choose one of {', '.join(cam_methods())}")
     out, w = Path(out), []
     interp = CellInterpretation.from_run(run_dir, data, dataset, split, bs)
-    model, meta, items, z, t = interp.model, interp.meta, interp.items, interp.logits, interp.targs
-    _save_csv(interp.predictions_table(), out/'predictions.csv', w)
-    for norm, name in ((False, 'confusion_matrix'), (True, 'confusion_matrix_normalised')):
-        _save_csv(interp.confusion_table(norm), out/f'{name}.csv', w, index=True)
-        with np.errstate(invalid='ignore'): interp.plot_confusion_matrix(normalize=norm, figsize=(6, 6))
-        _save_fig(plt.gcf(), out/f'{name}.png', w)
-    _save_csv(interp.most_confused_table(), out/'most_confused.csv', w)
-    k = min(n_top_losses, len(items))
-    _save_csv(interp.top_losses_table(k), out/'top_losses.csv', w)
-    interp.plot_top_losses(k, figsize=(14, 3.6 * math.ceil(k / 4)), ncols=4); _save_fig(plt.gcf(), out/'top_losses.png', w)
-    _save_fig(plot_top_loss_cams(interp, min(k, 6), (cam, cam2)), out/'cams_top_losses.png', w)
-    per_class = items.groupby('label').head(1).head(8).reset_index(drop=True)
-    _save_fig(plot_class_cams(model, meta, per_class, method=cam), out/'cams_per_class.png', w)
-    convs = conv_layers(model) if get_arch(meta.arch).is_cnn else []
-    if convs:
-        x0 = model_inputs(per_class.head(1), meta)[0]
-        for which, (name, layer) in (('first', convs[0]), ('last', convs[-1])):
-            a = layer_activations(model, x0, layer)
-            _save_fig(plot_activations(a, title=f"{which} conv {name}: {len(a)} maps, {Path(per_class.file[0]).name}"), out/f'activations_{which}.png', w)
-    own_test = data is None and split == 'test'
-    cal = calibrate_run(run_dir, save=save_temperature, bs=bs, logits={'test': (z, t)} if own_test else None)
-    report = {s: cal[s] for s in ('valid', 'test') if s in cal}
-    report['interpreted'] = calibration_summary(z, t, cal['temperature'])
-    atomic_write(out/'calibration.json', json.dumps(dict(temperature=cal['temperature'], saved=bool(save_temperature), **report), indent=1)); w.append(out/'calibration.json')
+    z, t, k = interp.logits, interp.targs, min(n_top_losses, len(interp.items))
+    _write_errors(interp, out, k, w)
+    _write_maps(interp, out, k, (cam, cam2), w)
+    cal = calibrate_run(run_dir, save=save_temperature, bs=bs, logits={'test': (z, t)} if data is None and split == 'test' else None)
+    report = {**{s: cal[s] for s in ('valid', 'test') if s in cal}, 'interpreted': calibration_summary(z, t, cal['temperature'])}
+    w.append(atomic_write(out/'calibration.json', json.dumps(dict(temperature=cal['temperature'], saved=bool(save_temperature), **report), indent=1)))
     _save_fig(plot_calibration(z, t, cal['temperature'], title='data: ' if data is not None else f'{split}: '), out/'reliability.png', w)
-    if data is None: # out-of-sample images: the run's validation and test splits, whose logits are known
-        zs = {s: cal['logits'][s][0] for s in ('valid', 'test') if s in cal['logits']}
-        oos = pd.concat([prepare_items(labelled_items(run_dir, split=s), meta) for s in zs], ignore_index=True)
-        p_oos = softmax_t(np.concatenate(list(zs.values())), meta.temperature)
-    else: oos, p_oos = items, interp.probs
-    issues = pd.concat([label_issues(p_oos, oos.label, meta.classes, oos), duplicate_conflicts(oos)], ignore_index=True)
-    _save_csv(issues, out/'label_issues.csv', w)
-    if len(issues):
-        top = issues.head(12)
-        _save_fig(show_items(top, [f"{r.label} → {r.suggested}" if r.reason == 'confident learning' else f"{r.label} = {r.other_labels}"
-                                   for r in top.itertuples()], suptitle='suspected label errors (given → suggested)'),
-                  out/'label_issues.png', w)
-    if compare:
-        rd = [run_dir, *compare]
-        same_split(rd)
-        preds = runs_predictions(rd, items, bs)
-        tab = error_overlap(preds, items.label)
-        _save_csv(pd.concat([items[['file', 'label']], preds.add_prefix('pred_'), tab], axis=1), out/'error_overlap.csv', w)
-        _save_csv(overlap_counts(tab), out/'error_overlap_counts.csv', w, index=True)
-        for name, mask in (('all_wrong', tab.n_wrong == len(rd)), ('only_one_right', tab.only_right != '')):
-            sel = items[mask].head(24)
-            _save_fig(show_items(sel, [f"{sel.label[i]}\n{'only ' + tab.only_right[i] if name == 'only_one_right' else ', '.join(preds.loc[i].unique())}"
-                                       for i in sel.index], suptitle=f"{name.replace('_', ' ')}: {mask.sum()} images"), out/f'{name}.png', w)
+    _write_label_issues(interp, run_dir, data, cal, out, w)
+    if compare: _write_overlap([run_dir, *compare], interp.items, bs, out, w)
     return w, float((interp.probs.argmax(1) == t).mean()), cal['temperature']
