@@ -5,14 +5,14 @@
 # %% ../nbs/05_calibrate.ipynb #b2f79116
 from __future__ import annotations
 from pathlib import Path
-import numpy as np, pandas as pd, torch
+import numpy as np, torch
 import torch.nn.functional as F
 from .core import DataError
 from .data import load_split
 from .metrics import expected_calibration_error, plot_reliability, encode_targets
 from .ood import FEATURE_SCORES, OOD_DEFAULT, check_score, ood_stats, ood_scores
-from .export import load_safe, update_meta, labelled_items, read_meta
-from .inference import prepare_items, df_batches, model_forward, predict_logits, predict_probs
+from .export import load_safe, update_meta, labelled_items
+from .inference import prepare_items, df_batches, model_forward, predict_logits
 
 # %% auto #0
 __all__ = ['softmax_t', 'temperature_nll', 'fit_temperature', 'calibration_summary', 'plot_calibration', 'calibrate_run',

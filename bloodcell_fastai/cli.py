@@ -4,11 +4,11 @@
 
 # %% ../nbs/09_cli.ipynb #cb8cc86a
 from __future__ import annotations
-import sys, json, os, subprocess, traceback, warnings
+import sys, json, subprocess, traceback
 from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse, anno_parser, store_true, Param
-from .core import BloodcellError, DataError, atomic_write
+from .core import BloodcellError, DataError, ERROR_STATUS, atomic_write
 from .data import (DATASETS, get_dataset_path, load_items, class_root, parent_label, audit, audit_summary,
                                    split_items, save_split, cell_dataloaders)
 from .metrics import metrics_table
@@ -143,7 +143,7 @@ def bloodcell_predict(run_dir:str, # run folder (model.safetensors + model.json)
     if csv is None and xlsx is None:
         with pd.option_context('display.max_rows', 200, 'display.width', 200, 'display.max_colwidth', 80):
             print(df[['file','label','probability',f'top{top_k}','status','error']].to_string(index=False))
-    if len(df) and (df.status=='error').all():
+    if len(df) and (df.status==ERROR_STATUS).all():
         raise DataError(f"none of the {len(df)} file(s) in {images} could be read, first: {df.error.iloc[0]}")
     return df
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #31ca40fe
 from __future__ import annotations
-import os, json
+import os
 from pathlib import Path
 import numpy as np
 

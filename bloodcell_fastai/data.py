@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #48a710ab
 from __future__ import annotations
-import os, re, json, hashlib, shutil, warnings, zipfile
+import os, re, json, hashlib, warnings, zipfile
 from pathlib import Path
 from collections import Counter, defaultdict
 import numpy as np, pandas as pd
@@ -140,7 +140,7 @@ def class_root(path:Path, # a dataset folder, or any folder above the class fold
     while True:
         subs = [o for o in sorted(path.iterdir()) if o.is_dir() and not o.name.startswith('.')]
         if len(subs)>=min_classes or len(subs)==0: break
-        if not any(o.is_dir() for o in subs[0].iterdir()) and image_files(subs[0]): return path # one class: mylab/neutrophil/*.jpg
+        if not any(o.is_dir() and not o.name.startswith('.') for o in subs[0].iterdir()) and image_files(subs[0]): return path # one class: mylab/neutrophil/*.jpg
         path = subs[0]
     if len(subs)<min_classes:
         raise DataError(f"{path} has no class sub-folders: put each class's images in its own folder (e.g. {path}/neutrophil/*.jpg)")

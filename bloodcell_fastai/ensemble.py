@@ -172,7 +172,7 @@ def ga_search_weights(prob_list:list, # m arrays of shape (n, c): the members' v
                       generations:int=30, # number of generations
                       crossover:float=0.8, # probability that a parent takes part in (uniform) crossover
                       mutation:float=0.2, # probability that a gene is replaced by a random value
-                      seed:int=0, # seed of PyGAD's generators and of the initial population
+                      seed:int=42, # seed of PyGAD's generators and of the initial population
                      ) -> SearchResult:
     "Genetic-algorithm search (PyGAD) of the weights, normalised to sum to 1; seeded and reproducible."
     import pygad

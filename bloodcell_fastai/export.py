@@ -41,6 +41,7 @@ class ModelMeta:
     calibration:dict=None # how the temperature was fitted
     weights:dict=None # where the starting weights came from
     format:int=MODEL_FORMAT
+    extra:dict=field(default_factory=dict) # keys of model.json this version does not know, kept on rewrite
 
     def __post_init__(self):
         if self.presize is None: self.presize = presize_for(self.size)
@@ -61,22 +62,22 @@ REQUIRED_META = ('arch','classes','size','mean','std')
 def meta_from_dict(d:dict, # the parsed model.json
                    fn='model.json', # where it came from, for errors
                   )->ModelMeta:
-    "A `ModelMeta` from the keys of `model.json`, checking format and required keys; unknown keys are ignored."
+    "A `ModelMeta` from the keys of `model.json`, checking format and required keys; unknown keys go to `extra`."
     if not isinstance(d, dict) or d.get('format')!=MODEL_FORMAT:
         raise ModelFileError(f"{fn} has format {d.get('format') if isinstance(d,dict) else '?'}, this version reads {MODEL_FORMAT}: re-export the model with this version")
     miss = [k for k in REQUIRED_META if k not in d]
     if miss: raise ModelFileError(f"{fn} lacks {', '.join(miss)}: it was not written by bloodcell_fastai")
-    names = {f.name for f in fields(ModelMeta)}
+    names = {f.name for f in fields(ModelMeta)} - {'extra'}
     kw = {k:v for k,v in d.items() if k in names and v is not None}
     if 'item_size' in d: kw['presize'] = d['item_size']
-    return ModelMeta(**kw)
+    return ModelMeta(**kw, extra={k:v for k,v in d.items() if k not in names and k != 'item_size'})
 
 # %% ../nbs/03_export.ipynb #3f3ff743
 def meta_to_dict(meta:ModelMeta, # the record to store
                 )->dict:
     "The JSON layout of `model.json` (format first)."
-    d = asdict(meta); d['item_size'] = meta.item_size; d.pop('presize')
-    return {'format': d.pop('format'), **d}
+    d = asdict(meta); d['item_size'] = meta.item_size; d.pop('presize'); extra = d.pop('extra')
+    return {'format': d.pop('format'), **d, **extra}
 
 # %% ../nbs/03_export.ipynb #769314cf
 def read_meta(run_dir:Path, # run folder holding model.json
@@ -108,7 +109,7 @@ def update_meta(run_dir:Path, # run folder
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ConfigError(f"temperature must be a positive number, got {t!r}: a temperature divides the logits")
     for k,v in changes.items():
-        if not hasattr(meta, k) or k in ('item_size', 'crop_border', 'pad', 'cell_crop'): raise AttributeError(f"ModelMeta has no field {k!r}")
+        if not hasattr(meta, k) or k in ('item_size', 'crop_border', 'pad', 'cell_crop', 'extra'): raise AttributeError(f"ModelMeta has no field {k!r}")
         setattr(meta, k, v)
     write_meta(run_dir, meta)
     return meta

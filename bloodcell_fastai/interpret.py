@@ -416,7 +416,7 @@ def interpret_run(run_dir:str|Path, # run folder (with model.safetensors, model.
     z, t, k = interp.logits, interp.targs, min(n_top_losses, len(interp.items))
     _write_errors(interp, out, k, w)
     _write_maps(interp, out, k, (cam, cam2), w)
-    cal = calibrate_run(run_dir, save=save_temperature, bs=bs, logits={'test': (z, t)} if data is None and split == 'test' else None)
+    cal = calibrate_run(run_dir, save=save_temperature, bs=bs, logits={split: (z, t)} if data is None and split in ('valid', 'test') else None)
     report = {**{s: cal[s] for s in ('valid', 'test') if s in cal}, 'interpreted': calibration_summary(z, t, cal['temperature'])}
     w.append(atomic_write(out/'calibration.json', json.dumps(dict(temperature=cal['temperature'], saved=bool(save_temperature), **report), indent=1)))
     _save_fig(plot_calibration(z, t, cal['temperature'], title='data: ' if data is not None else f'{split}: '), out/'reliability.png', w)

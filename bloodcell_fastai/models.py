@@ -172,7 +172,7 @@ def read_state_dict(path:str|PathLike # a `.pth/.pt/.bin` checkpoint or a `.safe
                    ) -> dict:
     "Read the tensors of a local checkpoint: `.safetensors`, or a pickle loaded with `weights_only=True`"
     path = Path(path).expanduser()
-    if not path.is_file(): raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    if not path.is_file(): raise CheckpointError(file=path, problem="not found", fix="give the path of a .pth, .pt, .bin or .safetensors checkpoint")
     try:
         if path.suffix == '.safetensors': obj = load_safetensors(str(path), device='cpu')
         else:

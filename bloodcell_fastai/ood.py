@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib
 import numpy as np, torch
-from .core import ConfigError
+from .core import ConfigError, ModelFileError
 
 # %% auto #0
 __all__ = ['LOGIT_SCORES', 'FEATURE_SCORES', 'OOD_SCORES', 'OOD_DEFAULT', 'check_score', 'stats_module', 'pooled_stats',
@@ -86,7 +86,7 @@ def ood_scores(logits:np.ndarray, # (n, c) logits
     check_score(score)
     if score=='energy': return (-torch.logsumexp(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1)).numpy()
     if score=='msp': return (1 - torch.softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1).max(1).values).numpy()
-    if feats is None or not stats: raise ValueError(f"OOD score {score!r} needs the model's features and the statistics from calibrate_ood")
+    if feats is None or not stats: raise ModelFileError(f"OOD score {score!r} needs the model's features and the statistics from calibrate_ood: the model.json 'ood' entry is incomplete; run calibrate.calibrate_ood again")
     f = np.asarray(feats, dtype=np.float64)
     if score=='cosine': return 1 - (_unit(f) @ np.asarray(stats['centroids']).T).max(1)
     m, v = np.asarray(stats['means']), np.asarray(stats['var'])

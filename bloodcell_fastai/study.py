@@ -4,13 +4,13 @@
 
 # %% ../nbs/07d_study.ipynb #85d3149b
 from __future__ import annotations
-import os, json, time, shutil, hashlib, inspect, warnings
+import os, json, time, shutil, hashlib
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import ConfigError, DataError, atomic_write, jsonable, cache_dir
-from .data import load_items, load_split, save_split, split_items, study_subsets, STUDY_SIZES
+from .data import load_items, load_split, save_split, study_subsets, STUDY_SIZES
 from .models import get_arch
-from .train import train, train_config
+from .train import train, train_config, TRAIN_DEFAULTS
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'STUDY_DEFAULTS', 'REPO_RAW', 'PAPER_METRICS', 'quick_mode', 'split_key', 'train_on_split', 'read_record',
@@ -75,7 +75,7 @@ def run_status(run_dir:Path|str, # run folder
     "'done', 'partial' (same configuration, unfinished), 'stale' (another configuration or split) or 'missing'."
     run_dir = Path(run_dir); rec = read_record(run_dir)
     if rec is None: return 'partial' if (run_dir/'split.csv').exists() else 'missing'
-    if kwargs and rec.get('config') != _norm_cfg(train_config(**kwargs)): return 'stale'
+    if kwargs and _norm_cfg({**TRAIN_DEFAULTS, **rec.get('config', {})}) != _norm_cfg(train_config(**kwargs)): return 'stale'
     if split is not None:
         try: same = split_key(load_split(run_dir/'split.csv')) == split_key(_as_split(split))
         except DataError: same = False
@@ -222,8 +222,9 @@ def study_splits(cfg:dict, # a config from `load_study_config`
 def run_key(train_opts:dict, # the run's options of `train_config`
             split_key:str, # `split_key` of its split
            )->str:
-    "md5 of a run's full training options and its split's key: what makes two runs the same run."
-    s = json.dumps(dict(train=_norm_cfg(train_config(**train_opts)), split=split_key), sort_keys=True)
+    "md5 of a run's training options (those that differ from `TRAIN_DEFAULTS`) and its split's key: what makes two runs the same run."
+    cfg = {k:v for k,v in _norm_cfg(train_config(**train_opts)).items() if v != _norm_cfg(TRAIN_DEFAULTS).get(k)} # a new default leaves keys alone
+    s = json.dumps(dict(train=cfg, split=split_key), sort_keys=True)
     return hashlib.md5(s.encode()).hexdigest()
 
 # %% ../nbs/07d_study.ipynb #a7604864
@@ -233,7 +234,7 @@ def run_summary(run_dir:Path|str, # a finished run folder
     rec = read_record(run_dir)
     if not rec or rec.get('status')!='done': raise StudyError(f"{run_dir} holds no finished run (record.json status {rec and rec.get('status')})")
     c, t = rec['config'], rec['final_metrics']['test']
-    row = dict(arch=c['arch'], family=get_arch(c['arch']).family, pretrained=bool(c['pretrained']), recipe=c['recipe'],
+    row = dict(arch=c['arch'], family=get_arch(c['arch']).family, pretrained=bool(c['pretrained'] or c.get('weights')), recipe=c['recipe'],
                size=c['size'], epochs=c['epochs'], **{f'n_{s}':rec['n_images'][s] for s in ('train','valid','test')})
     for m in ('accuracy','balanced_accuracy','f1_macro','cohen_kappa'):
         row[m], row[f'{m}_low'], row[f'{m}_high'] = t[m]['value'], t[m]['ci_low'], t[m]['ci_high']

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.all import *
-from fastai.vision.all import (Learner, Callback, CancelFitException, MixUp, CutMix, CrossEntropyLossFlat,
+from fastai.vision.all import (Learner, Callback, MixUp, CutMix, CrossEntropyLossFlat,
                                LabelSmoothingCrossEntropyFlat, SaveModelCallback, EarlyStoppingCallback,
-                               accuracy, error_rate, BalancedAccuracy, CohenKappa, valley, set_seed, defaults)
+                               accuracy, error_rate, BalancedAccuracy, CohenKappa, valley, set_seed)
 from fastai.distributed import DistributedDL, DistributedTrainer, rank_distrib, num_distrib
 from fastai.callback.progress import ProgressCallback
 from .core import ConfigError, atomic_write, jsonable
@@ -56,6 +56,12 @@ def train_config(**kwargs)->dict:
     if cfg['recipe'] not in RECIPES: raise ConfigError(f"recipe={cfg['recipe']!r}: choose one of {', '.join(RECIPES)}")
     if cfg['mixup'] and cfg['cutmix']: raise ConfigError("Choose MixUp or CutMix, not both")
     if cfg['ood_score'] is not None: check_score(cfg['ood_score'])
+    if cfg['labels'] != 'folder' and cfg['dataset'] != 'pbc':
+        raise ConfigError(f"labels={cfg['labels']!r} reads PBC's file-name prefixes: give dataset='pbc' (--dataset pbc) with --data, or labels='folder'")
+    if cfg['cell_crop'] is not None and not 0 < cfg['cell_crop'] <= 1:
+        raise ConfigError(f"cell_crop={cfg['cell_crop']}: give the cell-to-frame ratio as a fraction in (0, 1], e.g. 0.5")
+    if cfg['weights'] and not Path(cfg['weights']).is_file():
+        raise ConfigError(file=cfg['weights'], problem='not found', fix='give the path of a .pth, .pt, .bin or .safetensors checkpoint')
     try: get_arch(cfg['arch'])
     except KeyError as e: raise ConfigError(str(e).strip('"\'')) from None
     return cfg
@@ -329,7 +335,7 @@ def train(run_dir:Path|str, # folder to write the run into
     "Train a model as configured and write the run folder (record, split, safe export, history)."
     run_dir = Path(run_dir)
     if resume and (run_dir/'record.json').exists():
-        cfg = json.loads((run_dir/'record.json').read_text())['config']
+        cfg = {**TRAIN_DEFAULTS, **json.loads((run_dir/'record.json').read_text())['config']} # a record from before an option existed
         df = load_split(run_dir/'split.csv')
     else:
         cfg = train_config(**kwargs)

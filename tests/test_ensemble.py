@@ -1,4 +1,4 @@
-"Tests of `bloodcell_fastai.ensemble` (source: nbs/04_ensemble.ipynb) on synthetic probabilities with known answers."
+"Tests of `bloodcell_fastai.ensemble` (source: nbs/07b_ensemble.ipynb) on synthetic probabilities with known answers."
 import json, math
 import numpy as np, pandas as pd, pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_score, recall_score

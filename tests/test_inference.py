@@ -281,3 +281,13 @@ def test_voila_command(tmp_path):
     assert env['BLOODCELL_MODELS'] == str((tmp_path/'m').resolve()) and env['BLOODCELL_MAX_UPLOAD_MB'] == '20'
     spec = json.loads((Path(env['JUPYTER_PATH'].split(os.pathsep)[0])/'kernels'/'python3'/'kernel.json').read_text())
     assert spec['argv'][0] == sys.executable # the app's kernel is this interpreter, whatever kernelspec is installed
+
+
+def test_model_json_keys_unknown_to_this_version_survive_a_rewrite(tiny_run, tmp_path):
+    import json, shutil
+    from bloodcell_fastai.export import update_meta, read_meta
+    r = shutil.copytree(tiny_run, tmp_path/'r')
+    raw = json.loads((r/'model.json').read_text()); raw['future_key'] = {'a': 1}
+    (r/'model.json').write_text(json.dumps(raw))
+    update_meta(r, temperature=1.5)
+    assert json.loads((r/'model.json').read_text())['future_key'] == {'a': 1} and read_meta(r).temperature == 1.5

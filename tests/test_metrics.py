@@ -1,4 +1,4 @@
-"Tests of `bloodcell_fastai.metrics` (source: nbs/02b_metrics.ipynb) against scikit-learn and hand-computed cases."
+"Tests of `bloodcell_fastai.metrics` (source: nbs/00b_metrics.ipynb) against scikit-learn and hand-computed cases."
 import json
 import numpy as np, pandas as pd, pytest
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, cohen_kappa_score,

@@ -266,7 +266,7 @@ def test_garbage_files_give_clear_errors(tmp_path, r18_ckpt):
     torch.save([1, 2, 3], tmp_path/'list.pt')
     for fn in ('notes.pth', 'junk.safetensors', 'list.pt'):
         with pytest.raises(CheckpointError, match=fn.replace('.', r'\.')): create_model('resnet18', 8, pretrained=tmp_path/fn)
-    with pytest.raises(FileNotFoundError, match='nope.pth'): create_model('resnet18', 8, pretrained=tmp_path/'nope.pth')
+    with pytest.raises(ModelFileError, match='nope.pth not found'): create_model('resnet18', 8, pretrained=tmp_path/'nope.pth')
 
 
 class Payload:

@@ -126,3 +126,11 @@ def test_cli_function_dry_run_trains_nothing(tmp_path, data_root, count_training
     out = capsys.readouterr().out
     assert 'wrote' in out and (tmp_path/'mini'/'accuracy_vs_size.png').exists()
     assert pd.read_csv(tmp_path/'mini'/'table_accuracy.csv').shape[0] == 1
+
+
+def test_run_key_ignores_options_left_at_their_default():
+    "A new training option with a default must not make every earlier study run look different."
+    from bloodcell_fastai.study import run_key
+    from bloodcell_fastai.train import TRAIN_DEFAULTS
+    assert run_key(dict(arch='lenet5', size=32), 'k') == run_key(dict(arch='lenet5', size=32, weights=TRAIN_DEFAULTS['weights']), 'k')
+    assert run_key(dict(arch='lenet5', size=32), 'k') != run_key(dict(arch='lenet5', size=48), 'k')

@@ -204,14 +204,18 @@ def test_precision_callbacks():
         with pytest.raises(ConfigError, match="precision='fp16' needs a GPU"): precision_callbacks('fp16', False, cnn=True)
 
 
-def test_config_errors():
+def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match='Unknown training option'): train_config(epoch=3)
     with pytest.raises(ConfigError, match='recipe='): train_config(recipe='slow')
     with pytest.raises(ConfigError, match='MixUp or CutMix'): train_config(mixup=0.4, cutmix=1.0)
     with pytest.raises(ConfigError, match='resnet18'): train_config(arch='resnet_18')        # a typo: the suggestion
     assert issubclass(ConfigError, ValueError)
     assert train_config(pretrained=True)['recipe'] == 'fine_tune' and train_config()['recipe'] == 'scratch'
-    assert train_config(weights='w.safetensors')['recipe'] == 'fine_tune'             # a local checkpoint is a start too
+    (tmp_path/'w.safetensors').write_bytes(b'')
+    assert train_config(weights=str(tmp_path/'w.safetensors'))['recipe'] == 'fine_tune' # a local checkpoint is a start too
+    with pytest.raises(ConfigError, match='w2.pth not found'): train_config(weights=str(tmp_path/'w2.pth'))  # before anything is written
+    with pytest.raises(ConfigError, match="dataset='pbc'"): train_config(data='mylab', labels='prefix')        # prefix labels are PBC's
+    with pytest.raises(ConfigError, match=r'fraction in \(0, 1\]'): train_config(cell_crop=2)
     assert train_config()['dataset'] == 'pbc' and train_config(data='mylab')['dataset'] == 'folder'
     assert train_config(data='x', dataset='cnmc')['dataset'] == 'cnmc' and TRAIN_DEFAULTS['dataset'] is None
 
