@@ -12,8 +12,8 @@ from .core import BloodcellError, DataError, ERROR_STATUS, atomic_write
 from .data import (DATASETS, get_dataset_path, load_items, class_root, parent_label, audit, audit_summary,
                                    split_items, save_split, cell_dataloaders)
 from .metrics import metrics_table
-from .export import export_onnx, load_onnx, run_names, find_models, models_folder
-from .inference import predict, summarise, write_predictions
+from .export import run_names, list_models, models_folder, default_model
+from .inference import predict, summarise, write_predictions, backend_model
 from .evaluate import evaluate_run
 from .train import train, TRAIN_DEFAULTS, is_rank0
 from .interpret import interpret_run
@@ -23,7 +23,8 @@ from .app import voila_command, app_env
 
 # %% auto #0
 __all__ = ['COMMANDS', 'bloodcell_audit', 'bloodcell_train', 'bloodcell_evaluate', 'bloodcell_predict', 'bloodcell_interpret',
-           'bloodcell_ensemble', 'bloodcell_study', 'bloodcell_app', 'bloodcell_demo', 'command_parser', 'main']
+           'bloodcell_ensemble', 'bloodcell_study', 'bloodcell_app', 'bloodcell_models', 'bloodcell_demo',
+           'command_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #38822146
 @call_parse
@@ -124,20 +125,20 @@ def bloodcell_evaluate(run_dir:str, # run folder (with model.safetensors and mod
 
 # %% ../nbs/09_cli.ipynb #31f38d79
 @call_parse
-def bloodcell_predict(run_dir:str, # run folder (model.safetensors + model.json)
-                      images:str, # an image file, a folder of images or a glob pattern
+def bloodcell_predict(run_dir:str, # run folder (model.safetensors + model.json); with one argument, the images (shipped model)
+                      images:Param("an image file, a folder of images or a glob pattern", str, opt=False, nargs='?')=None, # an image file, a folder of images or a glob pattern
                       csv:str=None, # write the predictions to this CSV file
                       xlsx:str=None, # write the predictions to this Excel file
                       tta:store_true=False, # test-time augmentation (average of the plain and 4 augmented views)
                       threshold:float=None, # refer to an expert below this probability (default: model.json's or 0.5)
                       top_k:int=3, # classes listed per image
                       bs:int=64, # batch size
-                      onnx:store_true=False, # predict with the run's model.onnx (exported if missing)
+                      backend:str='auto', # auto (the fastest that agrees with fp32, see benchmarks/INFERENCE.md), torch, torch-cl, torch-bf16, onnx or onnx-int8
                      ):
-    "Classify images with a trained model: label, probability, top-k and status per file, to CSV/Excel."
+    "Classify images with a trained model (default: the shipped one): label, probability, top-k and status per file, to CSV/Excel."
+    if images is None: run_dir, images = default_model(), run_dir
     if threshold is not None and not 0<=threshold<=1: raise DataError(f"--threshold {threshold}: give a probability between 0 and 1")
-    if onnx and not (Path(run_dir)/'model.onnx').exists(): print(f"wrote {export_onnx(run_dir)}")
-    df = predict(load_onnx(run_dir) if onnx else run_dir, images, bs=bs, tta=tta, threshold=threshold, k=top_k)
+    df = predict(backend_model(run_dir, backend), images, bs=bs, tta=tta, threshold=threshold, k=top_k)
     print(summarise(df))
     for fn in write_predictions(df, csv=csv, xlsx=xlsx): print(f"wrote {fn}")
     if csv is None and xlsx is None:
@@ -215,7 +216,7 @@ def bloodcell_study(config:str, # study config: a JSON file, or the name of one 
 
 # %% ../nbs/09_cli.ipynb #fe32dee7
 @call_parse
-def bloodcell_app(models:str='models', # folder holding run folders (each with model.json + model.safetensors)
+def bloodcell_app(models:str=None, # folder holding run folders (default $BLOODCELL_MODELS, else models/); the shipped model is listed first
                   port:int=8866, # local port to serve on
                   ip:str='127.0.0.1', # interface (0.0.0.0 to serve the local network)
                   max_upload_mb:int=50, # largest upload, in MB
@@ -223,23 +224,37 @@ def bloodcell_app(models:str='models', # folder holding run folders (each with m
                   browser:store_true=False, # open a web browser
                  ):
     "Serve the Voila app: upload cell images, pick a model, classify (Ctrl-C stops it)."
-    found = find_models(models)
-    print(f"{len(found[found.error.isna()])} model(s) in {models_folder(models).resolve()}")
+    found = list_models(models_folder(models))
+    print(f"{len(found[found.error.isna()])} model(s): shipped and {models_folder(models).resolve()}")
     cmd = voila_command(notebook, port=port, ip=ip, max_upload_mb=max_upload_mb, browser=browser)
     print(f"serving http://{ip}:{port}/  ({' '.join(cmd)})")
     try: return subprocess.run(cmd, env=app_env(models, max_upload_mb)).returncode
     except KeyboardInterrupt: return 0
 
+# %% ../nbs/09_cli.ipynb #f6c340f6
+@call_parse
+def bloodcell_models(folders:Param("more folders holding run folders", str, nargs='*')=None, # more folders holding run folders
+                    ):
+    "List the models bloodcell can find (shipped, $BLOODCELL_MODELS or models/, the folders given): classes, test accuracy."
+    found = list_models(*(folders or []))
+    if not len(found): print(f"no models found (shipped, {models_folder().resolve()}{', ' if folders else ''}{', '.join(folders or [])})"); return found
+    show = found.assign(classes=found.classes.map(lambda c: ', '.join(c) if isinstance(c, list) else ''),
+                        test_accuracy=found.test_accuracy.map(lambda a: f'{a:.4f}' if pd.notna(a) else ''), error=found.error.fillna(''))
+    with pd.option_context('display.width', 250, 'display.max_colwidth', 90):
+        print(show[['source','name','arch','size','test_accuracy','classes','path','error']].to_string(index=False))
+    return found
+
 # %% ../nbs/09_cli.ipynb #c87042ea
 @call_parse
 def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
-                   per_class:int=200, # images per class drawn from the data (keeps the CPU demo to a few minutes)
+                   per_class:int=300, # images per class drawn from the data (keeps the CPU demo to a few minutes)
+                   arch:str='efficientnet_lite0', # architecture; its ImageNet weights install with the project
                    size:int=128, # training image size
                    seed:int=42, # random seed
-                   epochs:int=8, # training epochs
-                   lr:float=3e-3, # learning rate (given, so the demo skips lr_find)
+                   epochs:int=5, # training epochs after the cached-feature head
+                   lr:float=2e-3, # learning rate (given, so the demo skips lr_find)
                   ):
-    "Run the main job end to end on a PBC sample: audit, split, presize, show a batch, train, evaluate."
+    "Run the main job end to end on a PBC sample: audit, split, presize, show a batch, fine-tune from ImageNet weights, evaluate."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     out = Path(out); (out/'figures').mkdir(parents=True, exist_ok=True)
@@ -255,13 +270,13 @@ def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
     dls.show_batch(max_n=16, nrows=4)
     plt.savefig(out/'figures'/'batch.png', dpi=80, bbox_inches='tight'); plt.close('all')
     print(f"wrote {out/'figures'/'batch.png'}")
-    run = bloodcell_train(out=str(out/'run'), dataset='pbc', sample=per_class, size=size, epochs=epochs, bs=32, lr=lr, seed=seed)
+    run = bloodcell_train(out=str(out/'run'), dataset='pbc', sample=per_class, arch=arch, pretrained=True, size=size, epochs=epochs, bs=32, lr=lr, seed=seed)
     bloodcell_evaluate(str(out/'run'), json=str(out/'run'/'test_metrics.json'))
     return out
 
 # %% ../nbs/09_cli.ipynb #d8ad84c3
 COMMANDS = dict(audit=bloodcell_audit, train=bloodcell_train, evaluate=bloodcell_evaluate, interpret=bloodcell_interpret,
-                ensemble=bloodcell_ensemble, predict=bloodcell_predict, study=bloodcell_study, app=bloodcell_app,
+                ensemble=bloodcell_ensemble, predict=bloodcell_predict, models=bloodcell_models, study=bloodcell_study, app=bloodcell_app,
                 demo=bloodcell_demo)
 
 def _usage():

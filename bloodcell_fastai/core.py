@@ -10,7 +10,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['REFER', 'OOD_STATUS', 'NO_CELL_STATUS', 'ERROR_STATUS', 'BloodcellError', 'DataError', 'ModelFileError',
-           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir']
+           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir', 'cpu_bf16_supported']
 
 # %% ../nbs/00_core.ipynb #e906fe96
 class BloodcellError(ValueError):
@@ -72,3 +72,10 @@ def cache_dir(*sub)->Path:
     p = Path(os.environ.get('BLOODCELL_CACHE', '~/.cache/bloodcell_fastai')).expanduser().joinpath(*sub)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+# %% ../nbs/00_core.ipynb #60a82e79
+def cpu_bf16_supported()->bool:
+    "True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."
+    try: flags = Path('/proc/cpuinfo').read_text()
+    except OSError: return False
+    return any(f in flags.split() for f in ('avx512_bf16', 'amx_bf16'))

@@ -4,10 +4,10 @@
 
 # %% ../nbs/03_export.ipynb #6174a5a3
 from __future__ import annotations
-import json, math, os, warnings
+import json, math, os, warnings, tempfile, shutil
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
-import pandas as pd, torch
+import numpy as np, pandas as pd, torch
 from .core import DataError, ModelFileError, ConfigError, atomic_write
 from .models import create_model, get_arch
 from .data import load_items, load_split, presize_for
@@ -15,8 +15,8 @@ from .data import load_items, load_split, presize_for
 # %% auto #0
 __all__ = ['MODEL_FORMAT', 'DEFAULT_THRESHOLD', 'REQUIRED_META', 'ONNX_OPSET', 'ModelMeta', 'meta_from_dict', 'meta_to_dict',
            'read_meta', 'write_meta', 'update_meta', 'save_safe', 'load_safe', 'load_learner_pickle', 'export_onnx',
-           'OnnxModel', 'load_onnx', 'same_split', 'run_names', 'match_data_classes', 'labelled_items', 'models_folder',
-           'find_models']
+           'OnnxModel', 'quantize_onnx', 'load_onnx', 'same_split', 'run_names', 'match_data_classes', 'labelled_items',
+           'models_folder', 'find_models', 'shipped_folder', 'list_models', 'default_model']
 
 # %% ../nbs/03_export.ipynb #e3515ca9
 MODEL_FORMAT = 1 # version of the model.json layout
@@ -214,14 +214,40 @@ class OnnxModel:
     def eval(self): return self
     def __repr__(self): return f"OnnxModel({self.fn})"
 
+# %% ../nbs/03_export.ipynb #767d8416
+def quantize_onnx(run_dir:Path, # run folder with model.onnx (see `export_onnx`)
+                  batches, # iterable of normalised input batches (numpy or torch) to calibrate the activation ranges on
+                  dynamic:bool=False, # int8 weights only, activations quantised on the fly (no calibration)
+                 )->Path:
+    "Write `model.int8.onnx`: onnxruntime's static QDQ int8 quantisation (per-channel weights, calibrated on `batches`), or dynamic."
+    from onnxruntime.quantization import quantize_static, quantize_dynamic, CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    run_dir = Path(run_dir)
+    src, fn = run_dir/'model.onnx', run_dir/'model.int8.onnx'
+    if not src.exists(): raise ModelFileError(f"{src} not found: export it first with export_onnx({str(run_dir)!r})")
+    class _Reader(CalibrationDataReader):
+        def __init__(self): self.it = iter(batches)
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {'image': np.asarray(x.cpu().float() if hasattr(x, 'cpu') else x, np.float32)}
+    with tempfile.TemporaryDirectory() as d:
+        pre, tmp = Path(d)/'pre.onnx', Path(d)/'int8.onnx'
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        if dynamic: quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
+        else: quantize_static(str(pre), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                              activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.chmod(tmp, _umask_mode()); shutil.move(str(tmp), str(fn))
+    return fn
+
 # %% ../nbs/03_export.ipynb #e14fce8d
 def load_onnx(run_dir:Path, # run folder holding model.onnx and model.json
               threads:int=None, # onnxruntime threads
+              int8:bool=False, # the int8 model (`model.int8.onnx`, see `quantize_onnx`)
              )->tuple:
     "The run's ONNX model and meta, `(OnnxModel, meta)`, ready for `predict`."
     meta = read_meta(run_dir)
-    fn = Path(run_dir)/'model.onnx'
-    if not fn.exists(): raise ModelFileError(f"{fn} not found: export it first with export_onnx({str(run_dir)!r})")
+    fn = Path(run_dir)/('model.int8.onnx' if int8 else 'model.onnx')
+    if not fn.exists(): raise ModelFileError(file=fn, problem='not found', fix=f"export it first with {'quantize_onnx' if int8 else 'export_onnx'}({str(run_dir)!r}, ...)")
     return OnnxModel(fn, threads), meta
 
 # %% ../nbs/03_export.ipynb #bbd313b6
@@ -303,3 +329,34 @@ def find_models(folder:Path|str=None, # folder holding run folders; default `mod
                              test_accuracy=_test_accuracy(r), error=None))
         except ModelFileError as e: rows.append(dict(name=name, path=str(r), error=str(e)))
     return pd.DataFrame(rows, columns=cols)
+
+# %% ../nbs/03_export.ipynb #c48f70cb
+def shipped_folder()->Path:
+    "Where the models that ship with the project live: `models/` inside the installed package, else beside a source checkout."
+    import bloodcell_fastai
+    pkg = Path(bloodcell_fastai.__file__).resolve().parent
+    return pkg/'models' if (pkg/'models').is_dir() else pkg.parent/'models'
+
+# %% ../nbs/03_export.ipynb #dbcaffa2
+def list_models(*folders, # more folders holding run folders (e.g. the user's runs)
+                shipped:bool=True, # list the shipped models first
+               )->pd.DataFrame:
+    "The models `bloodcell` can find: the shipped ones, then `models_folder()`, then `folders`; each once, with its `source`."
+    srcs = ([('shipped', shipped_folder())] if shipped else []) + [('models folder', models_folder())] + [('given', Path(f)) for f in folders]
+    parts, seen = [], set()
+    for src, d in srcs:
+        f = find_models(d)
+        f = f[~f.path.map(lambda p: str(Path(p).resolve())).isin(seen)]
+        seen |= set(f.path.map(lambda p: str(Path(p).resolve())))
+        if len(f): parts.append(f.assign(source=src))
+    cols = ['name','path','arch','size','classes','test_accuracy','error','source']
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+# %% ../nbs/03_export.ipynb #ab23b49a
+def default_model()->Path:
+    "The run folder of the shipped model: what `predict` uses when no run folder is given."
+    f = list_models(shipped=True)
+    f = f[(f.source=='shipped') & f.error.isna()]
+    if not len(f): raise ModelFileError(file=shipped_folder(), problem='holds no shipped model',
+                                        fix='reinstall bloodcell_fastai, run `make model`, or give a run folder')
+    return Path(f.path.iloc[0])

@@ -14,19 +14,20 @@ from fastcore.parallel import parallel
 from fastai.vision.all import (Datasets, TfmdDL, Resize, ToTensor, IntToFloatTensor, Pipeline, PILImage, TensorImage,
                                default_device, defaults)
 from fastai.vision.augment import AffineCoordTfm
-from .core import (BloodcellError, DataError, atomic_write, REFER, OOD_STATUS, NO_CELL_STATUS,
+from .core import (BloodcellError, DataError, ConfigError, ModelFileError, cpu_bf16_supported, atomic_write, REFER, OOD_STATUS, NO_CELL_STATUS,
                                    ERROR_STATUS)
 from .imaging import load_rgb, presize_image, is_hidden
-from .data import load_cell, cell_tfms, presize
+from .data import load_cell, cell_tfms, presize, load_split
 from .cams import class_cams, cam_overlay, denorm
 from .ood import FEATURE_SCORES, capture_features, ood_scores, ood_summary
-from .export import ModelMeta, DEFAULT_THRESHOLD, load_safe
+from .export import ModelMeta, DEFAULT_THRESHOLD, load_safe, read_meta, export_onnx, quantize_onnx, load_onnx
 
 # %% auto #0
-__all__ = ['infer_dl', 'prepare_items', 'image_paths', 'read_cell_found', 'read_cell', 'read_cells', 'batch_pipe', 'cell_batch',
-           'model_forward', 'df_batches', 'image_batches', 'calibrated_probs', 'predict_logits', 'predict_probs',
-           'score_items', 'model_inputs', 'predict_cells', 'decide', 'predict', 'predictions_bytes',
-           'write_predictions', 'summarise', 'gradcam', 'gradcam_overlay']
+__all__ = ['BACKENDS', 'DEFAULT_BACKEND', 'infer_dl', 'prepare_items', 'image_paths', 'read_cell_found', 'read_cell',
+           'read_cells', 'batch_pipe', 'cell_batch', 'model_forward', 'df_batches', 'image_batches', 'calibrated_probs',
+           'predict_logits', 'predict_probs', 'score_items', 'model_inputs', 'predict_cells', 'decide',
+           'resolve_backend', 'backend_model', 'predict', 'predictions_bytes', 'write_predictions', 'summarise',
+           'gradcam', 'gradcam_overlay']
 
 # %% ../nbs/04_inference.ipynb #85807e62
 def infer_dl(df:pd.DataFrame, # items with `file` (and `image` when presized)
@@ -136,8 +137,8 @@ def model_forward(model, # torch model in eval mode, or an `OnnxModel`
                   score:str=None, # an OOD score: also return the features it needs
                  )->tuple:
     "The one forward loop: `(logits, features)` of all batches; features only for a feature score, else `None`."
-    dev, out = _model_device(model), []
-    with torch.inference_mode(), capture_features(model, score) as feats:
+    dev, out, ac = _model_device(model), [], getattr(model, 'autocast_dtype', None) # set by `backend_model('torch-bf16')`
+    with torch.inference_mode(), torch.autocast('cpu', dtype=ac or torch.bfloat16, enabled=ac is not None), capture_features(model, score) as feats:
         for xb in batches: out.append(torch.as_tensor(model(xb.to(dev).as_subclass(torch.Tensor))).float().cpu())
     z = torch.cat(out).numpy() if out else np.zeros((0, n_classes), np.float32)
     if score not in FEATURE_SCORES: return z, None
@@ -262,6 +263,39 @@ def decide(probs:np.ndarray, # (n, c) calibrated probabilities
         'status': np.where(ok, 'ok', REFER),
         'error': '',
         **{f'prob_{c}': probs[:,i].round(6) for i,c in enumerate(classes)}})
+
+# %% ../nbs/04_inference.ipynb #a395a671
+BACKENDS = ('auto', 'torch', 'torch-cl', 'torch-bf16', 'onnx', 'onnx-int8')
+DEFAULT_BACKEND = 'torch' # what 'auto' picks: the winner of benchmarks/INFERENCE.md
+
+def resolve_backend(backend:str='auto', # one of `BACKENDS`
+                   )->str:
+    "'auto' becomes `DEFAULT_BACKEND` where this CPU supports it, else 'torch'; other names are checked."
+    if backend not in BACKENDS: raise ConfigError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != 'auto': return backend
+    return DEFAULT_BACKEND if DEFAULT_BACKEND != 'torch-bf16' or cpu_bf16_supported() else 'torch-cl' 
+
+# %% ../nbs/04_inference.ipynb #576ccab7
+def backend_model(run_dir:Path|str, # run folder with the safe export
+                  backend:str='auto', # one of `BACKENDS`
+                  calib:pd.DataFrame=None, # items to calibrate int8 on when `model.int8.onnx` is missing; default 256 of the run's training rows
+                 )->tuple:
+    "`(model, meta)` of a run for `backend`, ready for `predict`; ONNX files are exported (and quantised) on first use."
+    b, run_dir = resolve_backend(backend), Path(run_dir)
+    if b.startswith('torch'):
+        model, meta = load_safe(run_dir)
+        if b != 'torch': model = model.to(memory_format=torch.channels_last)
+        if b == 'torch-bf16': model.autocast_dtype = torch.bfloat16
+        return model, meta
+    if not (run_dir/'model.onnx').exists(): export_onnx(run_dir)
+    if b == 'onnx-int8' and not (run_dir/'model.int8.onnx').exists():
+        meta = read_meta(run_dir)
+        if calib is None:
+            if not (run_dir/'split.csv').exists(): raise ModelFileError(file=run_dir/'model.int8.onnx', problem='not found and the run has no split.csv to calibrate on', fix='pass calib= items or use another backend')
+            tr = load_split(run_dir/'split.csv').query("split=='train'")
+            calib = tr.sample(min(256, len(tr)), random_state=0)
+        quantize_onnx(run_dir, df_batches(prepare_items(calib.reset_index(drop=True), meta), meta, bs=32))
+    return load_onnx(run_dir, int8=b == 'onnx-int8')
 
 # %% ../nbs/04_inference.ipynb #bcb84b49
 def _as_model(run):

@@ -8,33 +8,34 @@ import json, os, platform, time, inspect, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, torch
+from sklearn.linear_model import LogisticRegression
 from fastcore.all import *
 from fastai.vision.all import (Learner, Callback, MixUp, CutMix, CrossEntropyLossFlat,
                                LabelSmoothingCrossEntropyFlat, SaveModelCallback, EarlyStoppingCallback,
                                accuracy, error_rate, BalancedAccuracy, CohenKappa, valley, set_seed)
 from fastai.distributed import DistributedDL, DistributedTrainer, rank_distrib, num_distrib
 from fastai.callback.progress import ProgressCallback
-from .core import ConfigError, atomic_write, jsonable
+from .core import ConfigError, atomic_write, jsonable, cpu_bf16_supported
 from .models import bloodcell_learner, model_stats, get_arch, count_groups
 from .data import load_items, split_items, save_split, load_split, cell_dataloaders, cell_tfms, dataset_for
 from .augment import robust_dl_kwargs, ROBUST_AUG_CFG
-from .ood import ood_summary, check_score
+from .ood import ood_summary, check_score, capture_features
 from .export import ModelMeta, save_safe, load_safe
 from .calibrate import calibrate_ood
 from .evaluate import evaluate_split
 
 # %% auto #0
-__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'TINY', 'train_config', 'cpu_bf16_supported', 'resolve_precision',
+__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'PRETRAINED_CPU', 'TINY', 'train_config', 'resolve_precision',
            'CPUAutocast', 'precision_callbacks', 'gradual_schedule', 'recipe_stages', 'RunCheckpoint', 'History',
-           'load_checkpoint_state', 'run_items', 'run_dataloaders', 'run_learner', 'find_lr', 'run_stages',
-           'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed', 'is_rank0', 'env_info', 'model_meta',
-           'train', 'tiny_run']
+           'load_checkpoint_state', 'run_items', 'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr',
+           'fit_head_cached', 'run_stages', 'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed',
+           'is_rank0', 'env_info', 'model_meta', 'train', 'tiny_run']
 
 # %% ../nbs/06_train.ipynb #abaec403
 TFM_OPTIONS = ('min_scale', 'max_rotate', 'max_lighting', 'max_hue') # options of `cell_tfms` a run sets
 TRAIN_DEFAULTS = dict(
     dataset=None, data=None, labels='folder', sample=None, seed=42, valid_pct=0.2, test_pct=0.2,
-    arch='resnet18', pretrained=False, weights=None, size=128, bs=64, epochs=5, lr=None, recipe=None, freeze_epochs=1,
+    arch='resnet18', pretrained=False, weights=None, size=128, bs=64, epochs=5, lr=None, recipe=None, freeze_epochs=1, cached_head=False, freeze_bn=False,
     lr_mult=100, gradual_steps=None, mixup=0., cutmix=0., label_smoothing=0., wd=None,
     precision='auto', channels_last=True, balance=None, crop_border=False, pad=False,
     monitor='valid_loss', patience=None, save_best=False, export_pickle=False, num_workers=None,
@@ -42,6 +43,8 @@ TRAIN_DEFAULTS = dict(
     cell_crop=None, robust_aug=False, ood_score='feature_stats', ood_pct=95.)
 
 RECIPES = ('scratch', 'fine_tune', 'gradual', 'all_at_once')
+# `pretrained=True` on a CPU: the recipe that won benchmarks/TIME_TO_ACCURACY.md (options given explicitly win)
+PRETRAINED_CPU = dict(cached_head=True, freeze_bn=True, lr_mult=10)
 
 # %% ../nbs/06_train.ipynb #6c2555b8
 def train_config(**kwargs)->dict:
@@ -52,6 +55,9 @@ def train_config(**kwargs)->dict:
     cfg['dataset'] = dataset_for(cfg['dataset'], cfg['data'])
     if cfg['robust_aug']: # the other-lab augmentation's settings (02b_augment), unless given explicitly
         cfg.update({k:v for k,v in ROBUST_AUG_CFG.items() if k not in kwargs})
+    if cfg['pretrained'] is True and not torch.cuda.is_available():
+        cfg.update({k:v for k,v in PRETRAINED_CPU.items() if k not in kwargs})
+        if 'precision' not in kwargs and cpu_bf16_supported(): cfg['precision'] = 'bf16'
     if cfg['recipe'] is None: cfg['recipe'] = 'fine_tune' if cfg['pretrained'] or cfg['weights'] else 'scratch'
     if cfg['recipe'] not in RECIPES: raise ConfigError(f"recipe={cfg['recipe']!r}: choose one of {', '.join(RECIPES)}")
     if cfg['mixup'] and cfg['cutmix']: raise ConfigError("Choose MixUp or CutMix, not both")
@@ -65,13 +71,6 @@ def train_config(**kwargs)->dict:
     try: get_arch(cfg['arch'])
     except KeyError as e: raise ConfigError(str(e).strip('"\'')) from None
     return cfg
-
-# %% ../nbs/06_train.ipynb #1a015cf3
-def cpu_bf16_supported()->bool:
-    "True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."
-    try: flags = Path('/proc/cpuinfo').read_text()
-    except OSError: return False
-    return any(f in flags.split() for f in ('avx512_bf16', 'amx_bf16'))
 
 # %% ../nbs/06_train.ipynb #a26b86ff
 def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
@@ -125,6 +124,7 @@ def recipe_stages(cfg:dict, # run configuration
     r, e, fe, m = cfg['recipe'], cfg['epochs'], cfg['freeze_epochs'], cfg['lr_mult']
     if r=='scratch': return [dict(name='all', freeze_to=None, epochs=e, lr=lr)]
     head = dict(name='head', freeze_to=-1, epochs=fe, lr=lr)
+    if cfg.get('cached_head'): head = dict(head, epochs=0) # the head was fitted on cached features (`fit_head_cached`)
     if r in ('fine_tune','all_at_once'):
         return [head, dict(name='all', freeze_to=None, epochs=e, lr=(lr/2/m, lr/2))]
     sched = gradual_schedule(n_groups, cfg['gradual_steps'])[1:]
@@ -210,6 +210,15 @@ def run_dataloaders(df:pd.DataFrame, # split items
                             max_hue=cfg['max_hue'], cell_crop=cfg['cell_crop'],
                             **robust_dl_kwargs(df, cfg['cell_crop'], cfg['robust_aug']))
 
+# %% ../nbs/06_train.ipynb #d1bf6d61
+class FreezeBN(Callback):
+    "Keep every BatchNorm layer in eval mode while training: the pretrained running statistics are used and kept; its affine weights still train."
+    order = 1
+    def before_batch(self):
+        if not self.training: return
+        for m in self.learn.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.eval()
+
 # %% ../nbs/06_train.ipynb #d8faca52
 def run_learner(dls, # the run's DataLoaders
                 cfg:dict, # run configuration
@@ -219,6 +228,7 @@ def run_learner(dls, # the run's DataLoaders
     cbs = []
     if cfg['mixup']: cbs.append(MixUp(cfg['mixup']))
     if cfg['cutmix']: cbs.append(CutMix(cfg['cutmix']))
+    if cfg['freeze_bn']: cbs.append(FreezeBN())
     cbs += precision_callbacks(resolve_precision(cfg['precision']), cfg['channels_last'], get_arch(cfg['arch']).is_cnn)
     learn = bloodcell_learner(dls, cfg['arch'], pretrained=cfg['weights'] or bool(cfg['pretrained']), img_size=cfg['size'], loss_func=loss,
                               metrics=[accuracy, BalancedAccuracy(), CohenKappa(), error_rate], cbs=cbs, wd=cfg['wd'])
@@ -230,6 +240,28 @@ def find_lr(learn, # a learner
     "A learning rate from fastai's `lr_find` (valley), model and optimizer restored afterwards."
     with learn.no_logging(), learn.no_bar(): return float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
 
+# %% ../nbs/06_train.ipynb #b022b4a9
+def fit_head_cached(learn, # a learner whose body holds pretrained weights
+                    C:float=1.0, # inverse L2 strength of the logistic regression
+                    precision:str='fp32', # 'bf16': compute the features under bf16 autocast (CPUs with native bf16)
+                   )->float: # training accuracy of the fitted head
+    "Fit the classifier on the frozen body's features of the training images, computed once: logistic regression copied into the head."
+    model = learn.model.eval()
+    dl = learn.dls.test_dl(learn.dls.train.items, rm_type_tfms=0, with_labels=True) # validation transforms: no augmentation
+    ys = []
+    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16, enabled=precision=='bf16' and not torch.cuda.is_available()), \
+         capture_features(model, 'cosine') as feats: # the input of the last linear layer
+        for xb, yb in dl: model(xb.as_subclass(torch.Tensor)); ys.append(yb.cpu())
+    X, y = torch.cat(feats).float().numpy(), torch.cat(ys).numpy()
+    lr = LogisticRegression(C=C, max_iter=2000).fit(X, y)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    w, b = np.zeros((head.out_features, X.shape[1]), np.float32), np.zeros(head.out_features, np.float32)
+    if len(lr.classes_)==2: w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0] # sigmoid(z) = softmax([0, z])
+    else: w[lr.classes_], b[lr.classes_] = lr.coef_, lr.intercept_
+    with torch.no_grad(): head.weight.copy_(torch.from_numpy(w)); head.bias.copy_(torch.from_numpy(b))
+    model.train()
+    return float(lr.score(X, y))
+
 # %% ../nbs/06_train.ipynb #411d3a87
 def run_stages(learn, # the run's learner
                cfg:dict, # run configuration
@@ -240,6 +272,9 @@ def run_stages(learn, # the run's learner
     if learn.pretrained_source is None and cfg['recipe']!='scratch':
         warnings.warn(f"recipe {cfg['recipe']!r} freezes layers, but the weights are random: 'scratch' is usually better")
     prog = load_checkpoint_state(learn, run_dir) if resume else None
+    head_s = None
+    if cfg.get('cached_head') and prog is None:
+        t0 = time.time(); fit_head_cached(learn, precision=resolve_precision(cfg['precision'])); head_s = round(time.time()-t0, 1)
     lr = cfg['lr']
     if lr is None and num_distrib()>1: raise ConfigError("give the learning rate (--lr) when training on several processes")
     if lr is None:
@@ -252,6 +287,7 @@ def run_stages(learn, # the run's learner
     hist_fn = Path(run_dir)/'checkpoints'/'history.json'
     rows, secs = (json.loads(hist_fn.read_text()) if prog is not None and hist_fn.exists() else []), []
     for i,s in enumerate(stages):
+        if not s['epochs']: secs.append(head_s); continue # the cached-feature head
         start = 0
         if prog is not None:
             if i<prog['stage']: continue
@@ -322,7 +358,7 @@ def model_meta(learn, # the trained learner
     "What the safe export needs to rebuild and feed the model."
     mean,std = model_stats(cfg['arch'], cfg['pretrained'])
     return ModelMeta(learn.arch, list(map(str, dls.vocab)), cfg['size'], list(map(float, mean)), list(map(float, std)),
-                     arch_kwargs=learn.arch_kwargs, label_scheme=cfg['labels'], dataset=cfg['dataset'],
+                     arch_kwargs=learn.arch_kwargs, weights=learn.weights, label_scheme=cfg['labels'], dataset=cfg['dataset'],
                      preprocess=dict(crop_border=cfg['crop_border'], pad=cfg['pad'],
                                      **({'cell_crop': {'ratio': float(cfg['cell_crop'])}} if cfg.get('cell_crop') else {})))
 
@@ -377,7 +413,7 @@ def train(run_dir:Path|str, # folder to write the run into
                   precision=resolve_precision(cfg['precision']), history=rows,
                   timings=dict(train_seconds=round(train_s,1), evaluate_seconds=round(time.time()-t1,1),
                                seconds_per_epoch=round(float(hist.seconds.mean()),2) if len(hist) else None),
-                  n_groups=count_groups(learn), pretrained_source=learn.pretrained_source, final_metrics=final)
+                  n_groups=count_groups(learn), pretrained_source=learn.pretrained_source, weights=learn.weights, final_metrics=final)
     atomic_write(run_dir/'record.json', json.dumps(record, indent=1, default=jsonable))
     return run_dir
 

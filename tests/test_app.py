@@ -97,16 +97,19 @@ def classify(pg):
 
 
 def test_app_classifies_and_reports_bad_input(page, run, pbc_sample, tmp_path):
-    from bloodcell_fastai.inference import predict
+    from bloodcell_fastai.inference import predict, backend_model
+    from bloodcell_fastai.export import default_model
     pg = page
     assert 'Blood-cell classifier' in text(pg.locator('body'))
-    assert 'tiny' in text(pg.locator('body')) # the dropdown lists the model with its test accuracy
+    assert 'tiny' in text(pg.locator('body')) # the dropdown lists the models with their test accuracy
     assert 'test accuracy' in text(pg.locator('select'))
+    first = text(pg.locator('select option').first)
+    assert first.startswith('pbc_lite0'), first # the shipped model comes first and is selected
 
-    # one real PBC image: the page shows what `predict` says, class and probability
+    # one real PBC image, classified by the shipped model: the page shows what `predict` says, class and probability
     img, = readable(pbc_sample, 'neutrophil')
     upload(pg, img); classify(pg)
-    want = predict(run, [img], threshold=0.5).iloc[0]
+    want = predict(backend_model(default_model()), [img], threshold=0.5).iloc[0]
     best = want['top3'].split(';')[0].rsplit(' ', 1)[0]
     got = text(pg.locator('.bc-ok, .bc-warn').first)
     assert img.name in got and best in got, got

@@ -1,0 +1,99 @@
+"""Time to accuracy on this CPU: candidate training recipes on the PBC half, one machine, one go, same split.
+
+    BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_time_to_accuracy.py [--only NAME ...] [--sample N]
+
+Every candidate trains with `bloodcell_fastai.train.train` on the same seeded split (60/20/20, grouped), so the
+curves differ only by recipe. The curve is validation accuracy against cumulative training minutes (validation is
+what a user may look at while choosing); the held-out test split is scored once per candidate, at the end, with a
+bootstrap 95% CI. The current default (ResNet-18 from scratch at 128 px, fp32, lr_find) is the baseline of the same
+run. Writes benchmarks/TIME_TO_ACCURACY.md, benchmarks/time_to_accuracy.json and benchmarks/time_to_accuracy.png;
+results are saved after every candidate, so an interrupted run keeps what it finished. The first candidate's run
+folder is the one `make model` ships (same configuration, same seed).
+"""
+import argparse, json, os, platform, time
+from pathlib import Path
+from bloodcell_fastai.core import atomic_write
+from bloodcell_fastai.train import train, cpu_bf16_supported
+
+CANDIDATES = {  # name: (what it is, train options)
+    'lite0_ft128': ("EfficientNet-Lite0 ImageNet (pip package), cached-feature head, frozen BN stats, fine-tune all, 128 px, bf16, 6 epochs",
+                    dict(arch='efficientnet_lite0', pretrained=True, size=128, epochs=6, lr=2e-3, bs=32)),
+    'lite0_ft160': ("EfficientNet-Lite0 ImageNet, same recipe as lite0_ft128 at 160 px, 8 epochs",
+                    dict(arch='efficientnet_lite0', pretrained=True, size=160, epochs=8, lr=2e-3, bs=32)),
+    'lite0_probe224': ("EfficientNet-Lite0 linear probe: head fitted on cached 224-px features only, no fine-tuning",
+                       dict(arch='efficientnet_lite0', pretrained=True, size=224, epochs=0, lr=2e-3, bs=32)),
+    'resnet18_scratch128': ("baseline: today's default, ResNet-18 from scratch, 128 px, fp32, lr_find, 5 epochs",
+                            dict(arch='resnet18', size=128, epochs=5)),
+}
+
+def cpu_name():
+    for l in Path('/proc/cpuinfo').read_text().splitlines():
+        if l.startswith('model name'): return l.split(':', 1)[1].strip()
+    return platform.processor()
+
+def cpu_flags():
+    fl = Path('/proc/cpuinfo').read_text().split()
+    return ', '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in fl)
+
+def summarise(name, run):
+    rec = json.loads((run/'record.json').read_text())
+    t, mins, curve = rec['final_metrics']['test'], 0., []
+    for s in rec['stages']:
+        if not s['epochs'] and s.get('seconds'): mins += s['seconds']/60  # the cached-feature head
+    if not rec['history']: curve.append((round(mins, 2), rec['final_metrics']['valid']['accuracy']['value']))
+    for h in rec['history']:
+        mins += h['seconds']/60; curve.append((round(mins, 2), round(h['accuracy'], 4)))
+    return dict(name=name, what=CANDIDATES[name][0], config=CANDIDATES[name][1], precision=rec['precision'],
+                train_minutes=round(rec['timings']['train_seconds']/60, 2), curve=curve, n_images=rec['n_images'],
+                test_accuracy=t['accuracy'], test_balanced_accuracy=t['balanced_accuracy']['value'], weights=rec.get('weights'))
+
+def write(results, args):
+    out = Path(__file__).parent
+    atomic_write(out/'time_to_accuracy.json', json.dumps(dict(cpu=cpu_name(), flags=cpu_flags(), date=time.strftime('%Y-%m-%d'),
+                                                             command=args.command, results=results), indent=1))
+    lines = ['# Time to accuracy on two CPU cores', '',
+             'Commands (same machine, one after the other): ' + ', '.join(f'`{c}`' for c in dict.fromkeys(r.get('command', args.command) for r in results)) + '  ', f"CPU: {cpu_name()} ({os.cpu_count()} cores; flags: {cpu_flags()}; native bf16: {cpu_bf16_supported()})  ",
+             f"Date: {time.strftime('%Y-%m-%d')}. Data: the PBC half in `$BLOODCELL_DATA/pbc`, one seeded grouped split "
+             f"({results[0]['n_images'] if results else ''}).", '',
+             '| candidate | recipe | precision | training min | valid acc by cumulative minute | test accuracy [95% CI] | test balanced acc |',
+             '|---|---|---|---|---|---|---|']
+    for r in results:
+        a = r['test_accuracy']
+        curve = ', '.join(f"{m:g}: {v:.3f}" for m, v in r['curve'])
+        lines.append(f"| {r['name']} | {r['what']} | {r['precision']} | {r['train_minutes']} | {curve} | "
+                     f"{a['value']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}] | {r['test_balanced_accuracy']:.4f} |")
+    base = next((r for r in results if r['name'].startswith('resnet18')), None)
+    if base:
+        lines += ['', 'Against the baseline of the same run (training minutes ratio, test accuracy difference):', '']
+        for r in results:
+            if r is base: continue
+            lines.append(f"- {r['name']}: {r['train_minutes']/base['train_minutes']:.2f}x the baseline's minutes, "
+                         f"{100*(r['test_accuracy']['value']-base['test_accuracy']['value']):+.1f} accuracy points")
+    atomic_write(out/'TIME_TO_ACCURACY.md', '\n'.join(lines)+'\n')
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        xs, ys = zip(*r['curve']); l, = ax.plot(xs, ys, marker='o', label=r['name'])
+        ax.errorbar([xs[-1]], [r['test_accuracy']['value']], yerr=[[r['test_accuracy']['value']-r['test_accuracy']['ci_low']],
+                    [r['test_accuracy']['ci_high']-r['test_accuracy']['value']]], fmt='s', color=l.get_color(), capsize=3)
+    ax.axhline(0.985, ls='--', color='grey', lw=1); ax.set(xlabel='training minutes (2 cores)', ylabel='accuracy',
+               title=f'PBC half: valid accuracy (lines), test accuracy with 95% CI (squares)\n{cpu_name()}')
+    ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(out/'time_to_accuracy.png', dpi=90); plt.close(fig)
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--only', nargs='*', default=[c for c in CANDIDATES if c != 'lite0_ft160']); p.add_argument('--sample', type=int, default=None)
+    p.add_argument('--runs', default='runs/bench_tta')
+    args = p.parse_args()
+    args.command = 'python benchmarks/bench_time_to_accuracy.py' + (f" --only {' '.join(args.only)}" if args.only != p.get_default('only') else '') + \
+                   (f' --sample {args.sample}' if args.sample else '')
+    prev = Path(__file__).parent/'time_to_accuracy.json'  # --only adds to (or redoes) candidates of an earlier run on this CPU
+    results = [r for r in json.loads(prev.read_text())['results'] if r['name'] not in args.only] \
+              if args.only != p.get_default('only') and prev.exists() and json.loads(prev.read_text())['cpu'] == cpu_name() else []
+    for name in args.only:
+        run = Path(args.runs)/name
+        train(run, dataset='pbc', seed=42, sample=args.sample, num_workers=2, **CANDIDATES[name][1])
+        results.append({**summarise(name, run), 'command': args.command}); write(results, args)
+        print(name, results[-1]['train_minutes'], results[-1]['test_accuracy'], flush=True)
+
+if __name__ == '__main__': main()
