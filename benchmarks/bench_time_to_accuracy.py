@@ -18,8 +18,6 @@ from bloodcell_fastai.train import train, cpu_bf16_supported
 CANDIDATES = {  # name: (what it is, train options)
     'lite0_ft128': ("EfficientNet-Lite0 ImageNet (pip package), cached-feature head, frozen BN stats, fine-tune all, 128 px, bf16, 6 epochs",
                     dict(arch='efficientnet_lite0', pretrained=True, size=128, epochs=6, lr=2e-3, bs=32)),
-    'lite0_ft160': ("EfficientNet-Lite0 ImageNet, same recipe as lite0_ft128 at 160 px, 8 epochs",
-                    dict(arch='efficientnet_lite0', pretrained=True, size=160, epochs=8, lr=2e-3, bs=32)),
     'lite0_probe224': ("EfficientNet-Lite0 linear probe: head fitted on cached 224-px features only, no fine-tuning",
                        dict(arch='efficientnet_lite0', pretrained=True, size=224, epochs=0, lr=2e-3, bs=32)),
     'resnet18_scratch128': ("baseline: today's default, ResNet-18 from scratch, 128 px, fp32, lr_find, 5 epochs",
@@ -39,7 +37,7 @@ def summarise(name, run):
     rec = json.loads((run/'record.json').read_text())
     t, mins, curve = rec['final_metrics']['test'], 0., []
     for s in rec['stages']:
-        if not s['epochs'] and s.get('seconds'): mins += s['seconds']/60  # the cached-feature head
+        if s['name'] == 'head' and not s['epochs'] and s.get('seconds'): mins += s['seconds']/60  # the cached-feature head
     if not rec['history']: curve.append((round(mins, 2), rec['final_metrics']['valid']['accuracy']['value']))
     for h in rec['history']:
         mins += h['seconds']/60; curve.append((round(mins, 2), round(h['accuracy'], 4)))
@@ -82,14 +80,20 @@ def write(results, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--only', nargs='*', default=[c for c in CANDIDATES if c != 'lite0_ft160']); p.add_argument('--sample', type=int, default=None)
+    p.add_argument('--only', nargs='*', default=list(CANDIDATES)); p.add_argument('--sample', type=int, default=None)
     p.add_argument('--runs', default='runs/bench_tta')
+    p.add_argument('--report', action='store_true', help='rewrite the tables and plot from the finished run folders, train nothing')
     args = p.parse_args()
     args.command = 'python benchmarks/bench_time_to_accuracy.py' + (f" --only {' '.join(args.only)}" if args.only != p.get_default('only') else '') + \
                    (f' --sample {args.sample}' if args.sample else '')
     prev = Path(__file__).parent/'time_to_accuracy.json'  # --only adds to (or redoes) candidates of an earlier run on this CPU
     results = [r for r in json.loads(prev.read_text())['results'] if r['name'] not in args.only] \
               if args.only != p.get_default('only') and prev.exists() and json.loads(prev.read_text())['cpu'] == cpu_name() else []
+    if args.report:
+        old = {r['name']: r.get('command') for r in json.loads(prev.read_text())['results']} if prev.exists() else {}
+        args.command = next(iter(old.values()), args.command) or args.command
+        write([{**summarise(n, Path(args.runs)/n), 'command': old.get(n) or args.command} for n in args.only if (Path(args.runs)/n/'record.json').exists()], args)
+        return
     for name in args.only:
         run = Path(args.runs)/name
         train(run, dataset='pbc', seed=42, sample=args.sample, num_workers=2, **CANDIDATES[name][1])

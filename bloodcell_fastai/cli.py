@@ -61,8 +61,9 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                     epochs:int=TRAIN_DEFAULTS['epochs'], # epochs (of the main stage; gradual: spread over the unfreezing steps)
                     bs:int=TRAIN_DEFAULTS['bs'], # batch size
                     lr:float=None, # learning rate; default from lr_find
-                    pretrained:store_true=False, # start from ImageNet weights (needs internet once)
+                    pretrained:store_true=False, # start from ImageNet weights (the hub, or an installed weight package offline)
                     weights:str=None, # start from this local checkpoint (.pth/.safetensors) instead
+                    plain_fine_tune:store_true=False, # with --pretrained: fastai's frozen-head epoch and training-mode BatchNorm, lr_mult 100, instead of the CPU recipe
                     recipe:str=None, # scratch, fine_tune, gradual or all_at_once (default: fine_tune with weights, else scratch)
                     mixup:float=0., # MixUp alpha (0: off)
                     cutmix:float=0., # CutMix alpha (0: off)
@@ -89,7 +90,8 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                 pretrained=bool(pretrained), weights=weights, recipe=recipe, mixup=mixup, cutmix=cutmix,
                 label_smoothing=label_smoothing, labels=labels, sample=sample, seed=seed, precision=precision,
                 balance=bal, crop_border=crop_border, pad=pad, patience=patience, export_pickle=pickle,
-                cell_crop=cell_crop, robust_aug=robust_aug, ood_score=None if no_ood else ood_score)
+                cell_crop=cell_crop, robust_aug=robust_aug, ood_score=None if no_ood else ood_score,
+                **(dict(cached_head=False, freeze_bn=False, lr_mult=100) if plain_fine_tune else {}))
     if not is_rank0(): return run # under torchrun/accelerate only rank 0 reports
     rec = json.loads((Path(run)/'record.json').read_text())
     t = rec['final_metrics']['test'] or rec['final_metrics']['valid']
@@ -233,7 +235,7 @@ def bloodcell_app(models:str=None, # folder holding run folders (default $BLOODC
 
 # %% ../nbs/09_cli.ipynb #f6c340f6
 @call_parse
-def bloodcell_models(folders:Param("more folders holding run folders", str, nargs='*')=None, # more folders holding run folders
+def bloodcell_models(folders:Param("more folders holding run folders", str, opt=False, nargs='*')=None, # more folders holding run folders
                     ):
     "List the models bloodcell can find (shipped, $BLOODCELL_MODELS or models/, the folders given): classes, test accuracy."
     found = list_models(*(folders or []))

@@ -332,10 +332,8 @@ def find_models(folder:Path|str=None, # folder holding run folders; default `mod
 
 # %% ../nbs/03_export.ipynb #c48f70cb
 def shipped_folder()->Path:
-    "Where the models that ship with the project live: `models/` inside the installed package, else beside a source checkout."
-    import bloodcell_fastai
-    pkg = Path(bloodcell_fastai.__file__).resolve().parent
-    return pkg/'models' if (pkg/'models').is_dir() else pkg.parent/'models'
+    "Where the models that ship with the project live: `shipped/` inside the package (a source checkout's and a wheel's alike)."
+    return Path(__file__).resolve().parent/'shipped'
 
 # %% ../nbs/03_export.ipynb #dbcaffa2
 def list_models(*folders, # more folders holding run folders (e.g. the user's runs)

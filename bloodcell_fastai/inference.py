@@ -266,11 +266,11 @@ def decide(probs:np.ndarray, # (n, c) calibrated probabilities
 
 # %% ../nbs/04_inference.ipynb #a395a671
 BACKENDS = ('auto', 'torch', 'torch-cl', 'torch-bf16', 'onnx', 'onnx-int8')
-DEFAULT_BACKEND = 'torch' # what 'auto' picks: the winner of benchmarks/INFERENCE.md
+DEFAULT_BACKEND = 'torch-bf16' # what 'auto' picks: the winner of benchmarks/INFERENCE.md
 
 def resolve_backend(backend:str='auto', # one of `BACKENDS`
                    )->str:
-    "'auto' becomes `DEFAULT_BACKEND` where this CPU supports it, else 'torch'; other names are checked."
+    "'auto' becomes `DEFAULT_BACKEND` (bf16 only where this CPU has it natively, else channels-last fp32); other names are checked."
     if backend not in BACKENDS: raise ConfigError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend != 'auto': return backend
     return DEFAULT_BACKEND if DEFAULT_BACKEND != 'torch-bf16' or cpu_bf16_supported() else 'torch-cl' 
@@ -287,14 +287,15 @@ def backend_model(run_dir:Path|str, # run folder with the safe export
         if b != 'torch': model = model.to(memory_format=torch.channels_last)
         if b == 'torch-bf16': model.autocast_dtype = torch.bfloat16
         return model, meta
-    if not (run_dir/'model.onnx').exists(): export_onnx(run_dir)
     if b == 'onnx-int8' and not (run_dir/'model.int8.onnx').exists():
         meta = read_meta(run_dir)
+        if not (run_dir/'model.onnx').exists(): export_onnx(run_dir)
         if calib is None:
             if not (run_dir/'split.csv').exists(): raise ModelFileError(file=run_dir/'model.int8.onnx', problem='not found and the run has no split.csv to calibrate on', fix='pass calib= items or use another backend')
             tr = load_split(run_dir/'split.csv').query("split=='train'")
             calib = tr.sample(min(256, len(tr)), random_state=0)
         quantize_onnx(run_dir, df_batches(prepare_items(calib.reset_index(drop=True), meta), meta, bs=32))
+    if b == 'onnx' and not (run_dir/'model.onnx').exists(): export_onnx(run_dir)
     return load_onnx(run_dir, int8=b == 'onnx-int8')
 
 # %% ../nbs/04_inference.ipynb #bcb84b49

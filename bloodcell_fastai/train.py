@@ -25,9 +25,9 @@ from .calibrate import calibrate_ood
 from .evaluate import evaluate_split
 
 # %% auto #0
-__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'PRETRAINED_CPU', 'TINY', 'train_config', 'resolve_precision',
-           'CPUAutocast', 'precision_callbacks', 'gradual_schedule', 'recipe_stages', 'RunCheckpoint', 'History',
-           'load_checkpoint_state', 'run_items', 'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr',
+__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'PRETRAINED_DEFAULTS', 'TINY', 'train_config', 'resolve_precision',
+           'run_precision', 'CPUAutocast', 'precision_callbacks', 'gradual_schedule', 'recipe_stages', 'RunCheckpoint',
+           'History', 'load_checkpoint_state', 'run_items', 'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr',
            'fit_head_cached', 'run_stages', 'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed',
            'is_rank0', 'env_info', 'model_meta', 'train', 'tiny_run']
 
@@ -43,8 +43,8 @@ TRAIN_DEFAULTS = dict(
     cell_crop=None, robust_aug=False, ood_score='feature_stats', ood_pct=95.)
 
 RECIPES = ('scratch', 'fine_tune', 'gradual', 'all_at_once')
-# `pretrained=True` on a CPU: the recipe that won benchmarks/TIME_TO_ACCURACY.md (options given explicitly win)
-PRETRAINED_CPU = dict(cached_head=True, freeze_bn=True, lr_mult=10)
+# `pretrained=True`: the recipe that won benchmarks/TIME_TO_ACCURACY.md on CPUs (options given explicitly win)
+PRETRAINED_DEFAULTS = dict(cached_head=True, freeze_bn=True, lr_mult=10)
 
 # %% ../nbs/06_train.ipynb #6c2555b8
 def train_config(**kwargs)->dict:
@@ -55,9 +55,7 @@ def train_config(**kwargs)->dict:
     cfg['dataset'] = dataset_for(cfg['dataset'], cfg['data'])
     if cfg['robust_aug']: # the other-lab augmentation's settings (02b_augment), unless given explicitly
         cfg.update({k:v for k,v in ROBUST_AUG_CFG.items() if k not in kwargs})
-    if cfg['pretrained'] is True and not torch.cuda.is_available():
-        cfg.update({k:v for k,v in PRETRAINED_CPU.items() if k not in kwargs})
-        if 'precision' not in kwargs and cpu_bf16_supported(): cfg['precision'] = 'bf16'
+    if cfg['pretrained'] is True: cfg.update({k:v for k,v in PRETRAINED_DEFAULTS.items() if k not in kwargs}) # the same on every machine
     if cfg['recipe'] is None: cfg['recipe'] = 'fine_tune' if cfg['pretrained'] or cfg['weights'] else 'scratch'
     if cfg['recipe'] not in RECIPES: raise ConfigError(f"recipe={cfg['recipe']!r}: choose one of {', '.join(RECIPES)}")
     if cfg['mixup'] and cfg['cutmix']: raise ConfigError("Choose MixUp or CutMix, not both")
@@ -74,11 +72,17 @@ def train_config(**kwargs)->dict:
 
 # %% ../nbs/06_train.ipynb #a26b86ff
 def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
+                      cpu_bf16:bool=False, # let 'auto' pick bf16 on a CPU with native bf16 (fine-tuning pretrained weights)
                      )->str:
-    "'auto' becomes 'bf16'/'fp16' on CUDA and 'fp32' on CPUs (ask for 'bf16' on CPUs with native bf16: 1.4-1.9x faster)."
+    "'auto' becomes 'bf16'/'fp16' on CUDA; on CPUs 'fp32', or 'bf16' with `cpu_bf16` where the CPU has it natively (1.4-1.9x faster)."
     if precision!='auto': return precision
     if torch.cuda.is_available(): return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-    return 'fp32'
+    return 'bf16' if cpu_bf16 and cpu_bf16_supported() else 'fp32'
+
+def run_precision(cfg:dict, # run configuration
+                 )->str:
+    "The precision a run trains in: `resolve_precision`, with bf16 on native-bf16 CPUs for runs from pretrained weights."
+    return resolve_precision(cfg['precision'], cpu_bf16=bool(cfg['pretrained'] or cfg['weights']))
 
 # %% ../nbs/06_train.ipynb #80b133b4
 class CPUAutocast(Callback):
@@ -229,7 +233,7 @@ def run_learner(dls, # the run's DataLoaders
     if cfg['mixup']: cbs.append(MixUp(cfg['mixup']))
     if cfg['cutmix']: cbs.append(CutMix(cfg['cutmix']))
     if cfg['freeze_bn']: cbs.append(FreezeBN())
-    cbs += precision_callbacks(resolve_precision(cfg['precision']), cfg['channels_last'], get_arch(cfg['arch']).is_cnn)
+    cbs += precision_callbacks(run_precision(cfg), cfg['channels_last'], get_arch(cfg['arch']).is_cnn)
     learn = bloodcell_learner(dls, cfg['arch'], pretrained=cfg['weights'] or bool(cfg['pretrained']), img_size=cfg['size'], loss_func=loss,
                               metrics=[accuracy, BalancedAccuracy(), CohenKappa(), error_rate], cbs=cbs, wd=cfg['wd'])
     return learn
@@ -246,16 +250,18 @@ def fit_head_cached(learn, # a learner whose body holds pretrained weights
                     precision:str='fp32', # 'bf16': compute the features under bf16 autocast (CPUs with native bf16)
                    )->float: # training accuracy of the fitted head
     "Fit the classifier on the frozen body's features of the training images, computed once: logistic regression copied into the head."
-    model = learn.model.eval()
+    model = learn.model.to(learn.dls.device).eval()
     dl = learn.dls.test_dl(learn.dls.train.items, rm_type_tfms=0, with_labels=True) # validation transforms: no augmentation
     ys = []
     with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16, enabled=precision=='bf16' and not torch.cuda.is_available()), \
          capture_features(model, 'cosine') as feats: # the input of the last linear layer
         for xb, yb in dl: model(xb.as_subclass(torch.Tensor)); ys.append(yb.cpu())
     X, y = torch.cat(feats).float().numpy(), torch.cat(ys).numpy()
+    if len(np.unique(y)) < 2: raise ConfigError(f"fit_head_cached needs at least two classes in the training split, got {len(np.unique(y))}")
     lr = LogisticRegression(C=C, max_iter=2000).fit(X, y)
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    w, b = np.zeros((head.out_features, X.shape[1]), np.float32), np.zeros(head.out_features, np.float32)
+    w, b = np.zeros((head.out_features, X.shape[1]), np.float32), np.full(head.out_features, -30., np.float32) # classes absent from train: never predicted
+    b[lr.classes_] = 0.
     if len(lr.classes_)==2: w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0] # sigmoid(z) = softmax([0, z])
     else: w[lr.classes_], b[lr.classes_] = lr.coef_, lr.intercept_
     with torch.no_grad(): head.weight.copy_(torch.from_numpy(w)); head.bias.copy_(torch.from_numpy(b))
@@ -273,8 +279,8 @@ def run_stages(learn, # the run's learner
         warnings.warn(f"recipe {cfg['recipe']!r} freezes layers, but the weights are random: 'scratch' is usually better")
     prog = load_checkpoint_state(learn, run_dir) if resume else None
     head_s = None
-    if cfg.get('cached_head') and prog is None:
-        t0 = time.time(); fit_head_cached(learn, precision=resolve_precision(cfg['precision'])); head_s = round(time.time()-t0, 1)
+    if cfg.get('cached_head') and cfg['recipe']!='scratch' and prog is None:
+        t0 = time.time(); fit_head_cached(learn, precision=run_precision(cfg)); head_s = round(time.time()-t0, 1)
     lr = cfg['lr']
     if lr is None and num_distrib()>1: raise ConfigError("give the learning rate (--lr) when training on several processes")
     if lr is None:
@@ -287,12 +293,12 @@ def run_stages(learn, # the run's learner
     hist_fn = Path(run_dir)/'checkpoints'/'history.json'
     rows, secs = (json.loads(hist_fn.read_text()) if prog is not None and hist_fn.exists() else []), []
     for i,s in enumerate(stages):
-        if not s['epochs']: secs.append(head_s); continue # the cached-feature head
+        if not s['epochs']: secs.append(head_s if s['name']=='head' else None); continue # the cached-feature head
         start = 0
         if prog is not None:
-            if i<prog['stage']: continue
+            if i<prog['stage']: secs.append(None); continue # done before the interruption
             if i==prog['stage']: start = prog['epoch']+1
-            if start>=s['epochs']: continue
+            if start>=s['epochs']: secs.append(None); continue
         if s['freeze_to'] is None: learn.unfreeze()
         else: learn.freeze_to(s['freeze_to'])
         lr_s = slice(*s['lr']) if isinstance(s['lr'], (tuple,list)) else s['lr']
@@ -410,7 +416,7 @@ def train(run_dir:Path|str, # folder to write the run into
         record['ood'] = ood_summary(calibrate_ood(run_dir, cfg['ood_score'], cfg['ood_pct']))
     record.update(status='done', stages=[{**s, 'lr':list(s['lr']) if isinstance(s['lr'],tuple) else s['lr'], 'seconds':t}
                                         for s,t in zip(stages, secs+[None]*(len(stages)-len(secs)))],
-                  precision=resolve_precision(cfg['precision']), history=rows,
+                  precision=run_precision(cfg), history=rows,
                   timings=dict(train_seconds=round(train_s,1), evaluate_seconds=round(time.time()-t1,1),
                                seconds_per_epoch=round(float(hist.seconds.mean()),2) if len(hist) else None),
                   n_groups=count_groups(learn), pretrained_source=learn.pretrained_source, weights=learn.weights, final_metrics=final)

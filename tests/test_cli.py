@@ -80,3 +80,19 @@ def test_train_pretrained_offline_exits_2_naming_the_weights(offline_hub, data_r
 def test_train_pretrained_offline_error_is_one_line(offline_hub, data_root, tmp_path, capsys):
     code, err = _train_pretrained_offline(tmp_path, capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
+
+
+def test_predict_without_a_run_uses_the_shipped_model(pbc_sample, tmp_path):
+    "A subprocess, as a user types it: `bloodcell predict FOLDER` on a machine with no run of its own."
+    import shutil, subprocess, sys
+    import pandas as pd
+    inbox = tmp_path/'inbox'; inbox.mkdir()
+    for c in ('eosinophil', 'platelet'): shutil.copy(pbc_sample[c][0], inbox)
+    r = subprocess.run([sys.executable, '-c', 'from bloodcell_fastai.cli import main; main()', 'predict', str(inbox),
+                        '--csv', str(tmp_path/'p.csv')], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(tmp_path/'p.csv')
+    assert len(df) == 2 and set(df.status) <= {'ok', 'refer to expert', 'unlike the training data'} and df.label.notna().all()
+    r = subprocess.run([sys.executable, '-c', 'from bloodcell_fastai.cli import main; main()', 'models', str(tmp_path/'none')],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and 'shipped' in r.stdout and 'pbc_lite0' in r.stdout and 'efficientnet_lite0' in r.stdout, r.stdout + r.stderr

