@@ -309,7 +309,8 @@ def _hub_source(cfg) -> str:
     if cfg.hf_hub_id: return f'https://huggingface.co/{cfg.hf_hub_id}'
     return cfg.url or ''
 
-def hub_cached(cfg) -> bool:
+def hub_cached(cfg, # a timm `pretrained_cfg` (`get_pretrained_cfg(name)`)
+              ) -> bool:
     "Are timm's weights for `cfg` in the local Hugging Face cache?"
     if cfg is None or not cfg.hf_hub_id: return False
     from huggingface_hub import try_to_load_from_cache

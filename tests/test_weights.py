@@ -61,7 +61,7 @@ def pair(tmp_path_factory, data_root):
     "The same tiny split and budget from ImageNet weights and from random weights."
     from bloodcell_fastai.train import train
     d = tmp_path_factory.mktemp('weights')
-    kw = dict(dataset='pbc', sample=25, size=96, bs=16, epochs=1, lr=2e-3, arch='efficientnet_lite0', num_workers=0, ood_score=None)
+    kw = dict(dataset='pbc', sample=40, size=128, bs=16, epochs=2, lr=2e-3, arch='efficientnet_lite0', num_workers=0, ood_score=None)
     return train(d/'pretrained', pretrained=True, **kw), train(d/'random', **kw)
 
 
@@ -70,7 +70,7 @@ def test_pretrained_start_beats_random(pair):
     for run in pair:
         rec = json.loads((run/'record.json').read_text())
         acc.append(rec['final_metrics']['test']['accuracy']['value'])
-    assert acc[0] >= acc[1] + 0.25, acc # measured: 0.65 vs 0.15 (8 classes, 40 test images)
+    assert acc[0] >= acc[1] + 0.25, acc # measured here: 0.625 vs 0.125 (8 classes, 64 test images, 2 epochs at 128 px)
 
 
 def test_record_and_model_json_keep_the_source(pair):
