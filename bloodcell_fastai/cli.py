@@ -56,7 +56,7 @@ def bloodcell_audit(path:str, # folder to audit, or a dataset name (pbc, cnmc, a
 def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv, model.safetensors, model.json, ...)
                     data:str=None, # labelled folder, one sub-folder per class; default PBC from $BLOODCELL_DATA, the cache, or a download
                     dataset:str=None, # how to read --data: folder (default with --data), pbc (default without), cnmc, allidb2, bloodmnist
-                    arch:str=TRAIN_DEFAULTS['arch'], # architecture (see `list_archs()`)
+                    arch:str=None, # architecture (see `list_archs()`); default efficientnet_lite0 with --pretrained (its weights install with the project), else resnet18
                     size:int=TRAIN_DEFAULTS['size'], # training image size
                     epochs:int=TRAIN_DEFAULTS['epochs'], # epochs (of the main stage; gradual: spread over the unfreezing steps)
                     bs:int=TRAIN_DEFAULTS['bs'], # batch size
@@ -86,6 +86,7 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
     "Train a model and write a run folder; prints where it wrote what."
     if not out: raise DataError("give the run folder to write: --out RUN_DIR")
     bal = int(balance) if balance and str(balance).isdigit() else balance
+    arch = arch or ('efficientnet_lite0' if pretrained else TRAIN_DEFAULTS['arch'])
     run = train(out, resume=resume, dataset=dataset, data=data, arch=arch, size=size, epochs=epochs, bs=bs, lr=lr,
                 pretrained=bool(pretrained), weights=weights, recipe=recipe, mixup=mixup, cutmix=cutmix,
                 label_smoothing=label_smoothing, labels=labels, sample=sample, seed=seed, precision=precision,

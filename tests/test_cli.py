@@ -63,7 +63,7 @@ def test_other_exceptions_propagate(monkeypatch, capsys):
 def _train_pretrained_offline(tmp_path, capsys):
     "`bloodcell train --pretrained` on a machine without the hub: a tiny sample, so it fails before any training."
     with pytest.raises(SystemExit) as e:
-        main(['train', '--pretrained', '--out', str(tmp_path/'r'), '--sample', '2', '--epochs', '1', '--size', '32',
+        main(['train', '--pretrained', '--arch', 'resnet18', '--out', str(tmp_path/'r'), '--sample', '2', '--epochs', '1', '--size', '32',
               '--bs', '4', '--lr', '1e-3', '--precision', 'fp32'])
     cap = capsys.readouterr()
     return e.value.code, cap.err
