@@ -43,7 +43,8 @@ def summarise(name, run):
         mins += h['seconds']/60; curve.append((round(mins, 2), round(h['accuracy'], 4)))
     return dict(name=name, what=CANDIDATES[name][0], config=CANDIDATES[name][1], precision=rec['precision'],
                 train_minutes=round(rec['timings']['train_seconds']/60, 2), curve=curve, n_images=rec['n_images'],
-                test_accuracy=t['accuracy'], test_balanced_accuracy=t['balanced_accuracy']['value'], weights=rec.get('weights'))
+                test_accuracy=t['accuracy'], test_balanced_accuracy=t['balanced_accuracy']['value'],
+                weights={k: v for k, v in (rec.get('weights') or {}).items() if k != 'file'} or None)  # no local paths
 
 def write(results, args):
     out = Path(__file__).parent
