@@ -26,11 +26,11 @@ demo: venv
 	$(BIN)/bloodcell demo --out runs/demo
 
 ## make model: train the shipped model (the winning recipe of benchmarks/TIME_TO_ACCURACY.md on the PBC half,
-## see its model card for how long it took) and write it to bloodcell_fastai/shipped/pbc_lite0 with its model card
+## see its model card for how long it took) and write it to models/pbc_lite0 with its model card
 MODEL_RUN ?= runs/model_pbc_lite0
 model: venv
 	$(BIN)/bloodcell train --out $(MODEL_RUN) --dataset pbc --arch efficientnet_lite0 --pretrained --size 128 --epochs 6 --lr 2e-3 --bs 32 --seed 42
-	$(PY) tools/ship_model.py $(MODEL_RUN) bloodcell_fastai/shipped/pbc_lite0 --make-command "make model"
+	$(PY) tools/ship_model.py $(MODEL_RUN) models/pbc_lite0 --make-command "make model"
 
 ## make test: library in sync with notebooks, notebooks clean, imports point down the layers, nbdev_test, pytest, docs
 test: data-check venv browser sync-check clean-check layers-check nbtest pytest docs-check

@@ -40,7 +40,6 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(),
     include_package_data = True,
-    package_data = {'bloodcell_fastai': ['shipped/*/*']}, # the shipped model: weights, model.json, record, model card
     install_requires = requirements,
     extras_require = {'dev': dev_requirements, **extras},
     dependency_links = cfg.get('dep_links','').split(),

@@ -308,8 +308,12 @@ def models_folder(path:Path|str=None, # an explicit folder
     return Path(path or os.environ.get('BLOODCELL_MODELS') or 'models').expanduser()
 
 # %% ../nbs/03_export.ipynb #2ddc4f84
+def _record(run_dir)->dict:
+    try: return json.loads((Path(run_dir)/'record.json').read_text())
+    except (OSError, ValueError): return {}
+
 def _test_accuracy(run_dir):
-    try: return float(json.loads((Path(run_dir)/'record.json').read_text())['final_metrics']['test']['accuracy']['value'])
+    try: return float(_record(run_dir)['final_metrics']['test']['accuracy']['value'])
     except Exception: return None
 
 def find_models(folder:Path|str=None, # folder holding run folders; default `models_folder()`
@@ -332,8 +336,8 @@ def find_models(folder:Path|str=None, # folder holding run folders; default `mod
 
 # %% ../nbs/03_export.ipynb #c48f70cb
 def shipped_folder()->Path:
-    "Where the models that ship with the project live: `shipped/` inside the package (a source checkout's and a wheel's alike)."
-    return Path(__file__).resolve().parent/'shipped'
+    "Where the models that ship with the project live: `models/` of the source checkout, beside the package."
+    return Path(__file__).resolve().parents[1]/'models'
 
 # %% ../nbs/03_export.ipynb #dbcaffa2
 def list_models(*folders, # more folders holding run folders (e.g. the user's runs)
@@ -344,6 +348,7 @@ def list_models(*folders, # more folders holding run folders (e.g. the user's ru
     parts, seen = [], set()
     for src, d in srcs:
         f = find_models(d)
+        if src == 'shipped': f = f[f.path.map(lambda p: 'shipped' in _record(p)).astype(bool)] # the user's runs beside it are theirs
         f = f[~f.path.map(lambda p: str(Path(p).resolve())).isin(seen)]
         seen |= set(f.path.map(lambda p: str(Path(p).resolve())))
         if len(f): parts.append(f.assign(source=src))

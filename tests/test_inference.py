@@ -274,11 +274,13 @@ def test_find_models(run, tmp_path):
 def test_list_models_puts_the_shipped_model_first(run, tmp_path, monkeypatch):
     import bloodcell_fastai.export as E
     ship, mine = tmp_path/'shipped', tmp_path/'mine'
-    copy_run(run, ship/'pbc_x'); copy_run(run, mine/'own')
+    copy_run(run, ship/'pbc_x'); copy_run(run, mine/'own'); copy_run(run, ship/'users_run')
+    rec = json.loads((ship/'pbc_x'/'record.json').read_text())
+    (ship/'pbc_x'/'record.json').write_text(json.dumps({**rec, 'shipped': {'date': 'today'}})) # what tools/ship_model.py marks
     monkeypatch.setattr(E, 'shipped_folder', lambda: ship)
     monkeypatch.setenv('BLOODCELL_MODELS', str(mine))
     f = E.list_models(mine, tmp_path/'absent')   # the models folder given again is listed once
-    assert f[['source', 'name']].values.tolist() == [['shipped', 'pbc_x'], ['models folder', 'own']]
+    assert f[['source', 'name']].values.tolist() == [['shipped', 'pbc_x'], ['models folder', 'own']] # an unmarked run is not shipped
     assert E.default_model() == ship/'pbc_x'
     assert E.list_models(shipped=False).name.tolist() == ['own']
     monkeypatch.setattr(E, 'shipped_folder', lambda: tmp_path/'empty')

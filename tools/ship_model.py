@@ -1,6 +1,6 @@
 """Turn a finished PBC run into the model that ships: fp16 safetensors, model.json, a trimmed record and a model card.
 
-    .venv/bin/python tools/ship_model.py RUN bloodcell_fastai/shipped/pbc_lite0 [--make-command "make model"]
+    .venv/bin/python tools/ship_model.py RUN models/pbc_lite0 [--make-command "make model"]
 
 Steps: fit the temperature on the run's validation split (stored in the run's model.json), copy model.json, store
 the weights as fp16 safetensors and check that the fp16 model's predictions on the test split agree with fp32
