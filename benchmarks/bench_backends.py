@@ -12,16 +12,12 @@ Writes benchmarks/INFERENCE.md and benchmarks/inference.json.
 import argparse, json, os, time, tempfile, shutil
 from pathlib import Path
 import numpy as np, torch
-from bloodcell_fastai.core import atomic_write
+from bloodcell_fastai.core import cpu_info, atomic_write
 from bloodcell_fastai.data import load_split
 from bloodcell_fastai.core import cpu_bf16_supported
 from bloodcell_fastai.export import load_safe, quantize_onnx, load_onnx
 from bloodcell_fastai.inference import prepare_items, df_batches, model_forward, BACKENDS, backend_model
 from bloodcell_fastai.ood import ood_scores
-
-def cpu_name():
-    for l in Path('/proc/cpuinfo').read_text().splitlines():
-        if l.startswith('model name'): return l.split(':', 1)[1].strip()
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,7 +54,7 @@ def main():
                  top1_agreement=float((outs[b].argmax(1)==ref.argmax(1)).mean()), max_prob_diff=float(np.abs(outs[b]-ref).max()),
                  ood_flag_agreement=float((flags[b]==flags['torch']).mean()) if b in flags and 'torch' in flags else None)
             for b in names]
-    info = dict(cpu=cpu_name(), cores=os.cpu_count(), bf16=cpu_bf16_supported(), date=time.strftime('%Y-%m-%d'), run=args.run,
+    info = dict(cpu=cpu_info()['name'], cores=os.cpu_count(), bf16=cpu_bf16_supported(), date=time.strftime('%Y-%m-%d'), run=args.run,
                 arch=meta.arch, size=meta.size, n_images=len(ref), bs=args.bs, rounds=args.rounds, torch=torch.__version__,
                 command=f"python benchmarks/bench_backends.py --run {args.run} --rounds {args.rounds} --bs {args.bs}", rows=rows)
     out = Path(__file__).parent

@@ -12,7 +12,7 @@ folder is the one `make model` ships (same configuration, same seed).
 """
 import argparse, json, os, platform, time
 from pathlib import Path
-from bloodcell_fastai.core import atomic_write
+from bloodcell_fastai.core import cpu_info, atomic_write
 from bloodcell_fastai.train import train, cpu_bf16_supported
 
 CANDIDATES = {  # name: (what it is, train options)
@@ -23,15 +23,6 @@ CANDIDATES = {  # name: (what it is, train options)
     'resnet18_scratch128': ("baseline: today's default, ResNet-18 from scratch, 128 px, fp32, lr_find, 5 epochs",
                             dict(arch='resnet18', size=128, epochs=5)),
 }
-
-def cpu_name():
-    for l in Path('/proc/cpuinfo').read_text().splitlines():
-        if l.startswith('model name'): return l.split(':', 1)[1].strip()
-    return platform.processor()
-
-def cpu_flags():
-    fl = Path('/proc/cpuinfo').read_text().split()
-    return ', '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in fl)
 
 def summarise(name, run):
     rec = json.loads((run/'record.json').read_text())
@@ -48,10 +39,10 @@ def summarise(name, run):
 
 def write(results, args):
     out = Path(__file__).parent
-    atomic_write(out/'time_to_accuracy.json', json.dumps(dict(cpu=cpu_name(), flags=cpu_flags(), date=time.strftime('%Y-%m-%d'),
+    atomic_write(out/'time_to_accuracy.json', json.dumps(dict(cpu=cpu_info()['name'], flags=', '.join(cpu_info()['flags']), date=time.strftime('%Y-%m-%d'),
                                                              command=args.command, results=results), indent=1))
     lines = ['# Time to accuracy on two CPU cores', '',
-             'Commands (same machine, one after the other): ' + ', '.join(f'`{c}`' for c in dict.fromkeys(r.get('command', args.command) for r in results)) + '  ', f"CPU: {cpu_name()} ({os.cpu_count()} cores; flags: {cpu_flags()}; native bf16: {cpu_bf16_supported()})  ",
+             'Commands (same machine, one after the other): ' + ', '.join(f'`{c}`' for c in dict.fromkeys(r.get('command', args.command) for r in results)) + '  ', f"CPU: {cpu_info()['name']} ({os.cpu_count()} cores; flags: {', '.join(cpu_info()['flags'])}; native bf16: {cpu_bf16_supported()})  ",
              f"Date: {time.strftime('%Y-%m-%d')}. Data: the PBC half in `$BLOODCELL_DATA/pbc`, one seeded grouped split "
              f"({results[0]['n_images'] if results else ''}).", '',
              '| candidate | recipe | precision | training min | valid acc by cumulative minute | test accuracy [95% CI] | test balanced acc |',
@@ -76,7 +67,7 @@ def write(results, args):
         ax.errorbar([xs[-1]], [r['test_accuracy']['value']], yerr=[[r['test_accuracy']['value']-r['test_accuracy']['ci_low']],
                     [r['test_accuracy']['ci_high']-r['test_accuracy']['value']]], fmt='s', color=l.get_color(), capsize=3)
     ax.axhline(0.985, ls='--', color='grey', lw=1); ax.set(xlabel='training minutes (2 cores)', ylabel='accuracy',
-               title=f'PBC half: valid accuracy (lines), test accuracy with 95% CI (squares)\n{cpu_name()}')
+               title=f'PBC half: valid accuracy (lines), test accuracy with 95% CI (squares)\n{cpu_info()["name"]}')
     ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(out/'time_to_accuracy.png', dpi=90); plt.close(fig)
 
 def main():
@@ -89,7 +80,7 @@ def main():
                    (f' --sample {args.sample}' if args.sample else '')
     prev = Path(__file__).parent/'time_to_accuracy.json'  # --only adds to (or redoes) candidates of an earlier run on this CPU
     results = [r for r in json.loads(prev.read_text())['results'] if r['name'] not in args.only] \
-              if args.only != p.get_default('only') and prev.exists() and json.loads(prev.read_text())['cpu'] == cpu_name() else []
+              if args.only != p.get_default('only') and prev.exists() and json.loads(prev.read_text())['cpu'] == cpu_info()['name'] else []
     if args.report:
         old = {r['name']: r.get('command') for r in json.loads(prev.read_text())['results']} if prev.exists() else {}
         args.command = next(iter(old.values()), args.command) or args.command

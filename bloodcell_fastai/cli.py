@@ -6,14 +6,15 @@
 from __future__ import annotations
 import sys, json, subprocess, traceback
 from pathlib import Path
-import pandas as pd
+import pandas as pd, torch
 from fastcore.script import call_parse, anno_parser, store_true, Param
 from .core import BloodcellError, DataError, ERROR_STATUS, atomic_write
 from .data import (DATASETS, get_dataset_path, load_items, class_root, parent_label, audit, audit_summary,
                                    split_items, save_split, cell_dataloaders)
 from .metrics import metrics_table
 from .export import run_names, list_models, models_folder, default_model
-from .inference import predict, summarise, write_predictions, backend_model
+from .inference import predict, summarise, write_predictions, backend_model, resolve_backend
+from .adapt import adapt_to, adapt_run, ADAPT_METHODS, MIN_ADAPT
 from .evaluate import evaluate_run
 from .train import train, TRAIN_DEFAULTS, is_rank0
 from .interpret import interpret_run
@@ -22,9 +23,9 @@ from .study import load_study_config, run_study, study_results, study_table, stu
 from .app import voila_command, app_env
 
 # %% auto #0
-__all__ = ['COMMANDS', 'bloodcell_audit', 'bloodcell_train', 'bloodcell_evaluate', 'bloodcell_predict', 'bloodcell_interpret',
-           'bloodcell_ensemble', 'bloodcell_study', 'bloodcell_app', 'bloodcell_models', 'bloodcell_demo',
-           'command_parser', 'main']
+__all__ = ['COMMANDS', 'bloodcell_audit', 'bloodcell_train', 'bloodcell_evaluate', 'adapted_model', 'bloodcell_predict',
+           'bloodcell_adapt', 'bloodcell_interpret', 'bloodcell_ensemble', 'bloodcell_study', 'bloodcell_app',
+           'bloodcell_models', 'bloodcell_demo', 'command_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #38822146
 @call_parse
@@ -76,6 +77,7 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                     crop_border:store_true=False, # crop black borders (C-NMC)
                     pad:store_true=False, # pad to a square before resizing
                     cell_crop:float=None, # crop around the nucleated cell at this cell-to-frame ratio, e.g. 0.5 (other labs)
+                    colour:str=None, # normalise colour toward the training lab: reinhard (L*a*b* statistics) or grey (luminance)
                     robust_aug:store_true=False, # other-lab augmentation: scale, HED stain jitter, blur, JPEG, downscale
                     ood_score:str=TRAIN_DEFAULTS['ood_score'], # out-of-distribution score calibrated on valid: feature_stats, cosine, mahalanobis, energy or msp
                     no_ood:store_true=False, # calibrate no out-of-distribution flag
@@ -91,7 +93,7 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                 pretrained=bool(pretrained), weights=weights, recipe=recipe, mixup=mixup, cutmix=cutmix,
                 label_smoothing=label_smoothing, labels=labels, sample=sample, seed=seed, precision=precision,
                 balance=bal, crop_border=crop_border, pad=pad, patience=patience, export_pickle=pickle,
-                cell_crop=cell_crop, robust_aug=robust_aug, ood_score=None if no_ood else ood_score,
+                cell_crop=cell_crop, colour=colour, robust_aug=robust_aug, ood_score=None if no_ood else ood_score,
                 **(dict(cached_head=False, freeze_bn=False, lr_mult=100) if plain_fine_tune else {}))
     if not is_rank0(): return run # under torchrun/accelerate only rank 0 reports
     rec = json.loads((Path(run)/'record.json').read_text())
@@ -126,6 +128,19 @@ def bloodcell_evaluate(run_dir:str, # run folder (with model.safetensors and mod
         atomic_write(json, _json.dumps(rep, indent=1)); print(f"wrote {json}")
     return rep
 
+# %% ../nbs/09_cli.ipynb #9b74f169
+def adapted_model(run_dir, # run folder
+                  images, # the images to predict, which the model adapts to
+                  backend:str='auto', # a torch backend (adaptation changes the torch model)
+                 )->tuple:
+    "`(model, meta)` for `predict --adapt`: the run's model after AdaBN on the images it is about to classify."
+    b = resolve_backend(backend)
+    if not b.startswith('torch'): raise DataError(f"--adapt changes the torch model: use --backend auto, torch, torch-cl or torch-bf16, not {backend}")
+    model, meta, info = adapt_to(run_dir, images)
+    print(f"adapted to {info['n_images']} image(s) of {images} (AdaBN{', aligned to the training statistics' if info['aligned'] else ''})")
+    if b == 'torch-bf16': model.autocast_dtype = torch.bfloat16
+    return model, meta
+
 # %% ../nbs/09_cli.ipynb #31f38d79
 @call_parse
 def bloodcell_predict(run_dir:str, # run folder (model.safetensors + model.json); with one argument, the images (shipped model)
@@ -136,12 +151,14 @@ def bloodcell_predict(run_dir:str, # run folder (model.safetensors + model.json)
                       threshold:float=None, # refer to an expert below this probability (default: model.json's or 0.5)
                       top_k:int=3, # classes listed per image
                       bs:int=64, # batch size
+                      adapt:store_true=False, # adapt the model to these images first (AdaBN, no labels; needs at least 32 images from one lab)
                       backend:str='auto', # auto (the fastest that agrees with fp32, see benchmarks/INFERENCE.md), torch, torch-cl, torch-bf16, onnx or onnx-int8
                      ):
     "Classify images with a trained model (default: the shipped one): label, probability, top-k and status per file, to CSV/Excel."
     if images is None: run_dir, images = default_model(), run_dir
     if threshold is not None and not 0<=threshold<=1: raise DataError(f"--threshold {threshold}: give a probability between 0 and 1")
-    df = predict(backend_model(run_dir, backend), images, bs=bs, tta=tta, threshold=threshold, k=top_k)
+    model = adapted_model(run_dir, images, backend) if adapt else backend_model(run_dir, backend)
+    df = predict(model, images, bs=bs, tta=tta, threshold=threshold, k=top_k)
     print(summarise(df))
     for fn in write_predictions(df, csv=csv, xlsx=xlsx): print(f"wrote {fn}")
     if csv is None and xlsx is None:
@@ -150,6 +167,26 @@ def bloodcell_predict(run_dir:str, # run folder (model.safetensors + model.json)
     if len(df) and (df.status==ERROR_STATUS).all():
         raise DataError(f"none of the {len(df)} file(s) in {images} could be read, first: {df.error.iloc[0]}")
     return df
+
+# %% ../nbs/09_cli.ipynb #8e441149
+@call_parse
+def bloodcell_adapt(run_dir:str, # source run folder (or a shipped model's folder)
+                    images:str, # the target lab's unlabelled images: a folder or a glob pattern
+                    out:str=None, # new run folder to write the adapted model to
+                    method:str='adabn', # adabn (BatchNorm statistics only) or tent (also a few entropy-minimisation steps)
+                    steps:int=1, # TENT passes over the images
+                    lr:float=1e-3, # TENT learning rate
+                    bs:int=64, # images per batch
+                   ):
+    "Adapt a model to another lab's unlabelled images (AdaBN or TENT) and write it as a new run folder."
+    if not out: raise DataError("give the run folder to write: --out NEW_RUN")
+    if method not in ADAPT_METHODS: raise DataError(f"--method {method}: choose one of {', '.join(ADAPT_METHODS)}")
+    res = adapt_run(run_dir, images, out, method=method, steps=steps, lr=lr, bs=bs)
+    rec = json.loads((Path(res)/'record.json').read_text())['adapted']
+    print(f"adapted {run_dir} to {rec['n_images']} image(s) of {images} ({method}{', aligned to the training statistics' if rec['aligned'] else ''})")
+    for f in ('model.safetensors', 'model.json', 'record.json', 'bn_source.safetensors', 'split.csv'):
+        if (Path(res)/f).exists(): print(f"wrote {Path(res)/f}")
+    return res
 
 # %% ../nbs/09_cli.ipynb #4df3033a
 @call_parse
@@ -279,7 +316,7 @@ def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
 
 # %% ../nbs/09_cli.ipynb #d8ad84c3
 COMMANDS = dict(audit=bloodcell_audit, train=bloodcell_train, evaluate=bloodcell_evaluate, interpret=bloodcell_interpret,
-                ensemble=bloodcell_ensemble, predict=bloodcell_predict, models=bloodcell_models, study=bloodcell_study, app=bloodcell_app,
+                ensemble=bloodcell_ensemble, predict=bloodcell_predict, adapt=bloodcell_adapt, models=bloodcell_models, study=bloodcell_study, app=bloodcell_app,
                 demo=bloodcell_demo)
 
 def _usage():

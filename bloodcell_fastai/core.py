@@ -10,7 +10,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['REFER', 'OOD_STATUS', 'NO_CELL_STATUS', 'ERROR_STATUS', 'BloodcellError', 'DataError', 'ModelFileError',
-           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir', 'cpu_bf16_supported']
+           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir', 'cpu_bf16_supported', 'cpu_info']
 
 # %% ../nbs/00_core.ipynb #e906fe96
 class BloodcellError(ValueError):
@@ -79,3 +79,13 @@ def cpu_bf16_supported()->bool:
     try: flags = Path('/proc/cpuinfo').read_text()
     except OSError: return False
     return any(f in flags.split() for f in ('avx512_bf16', 'amx_bf16'))
+
+# %% ../nbs/00_core.ipynb #16974eb5
+def cpu_info()->dict:
+    "This CPU's model name, core count and the vector extensions speed depends on (from `/proc/cpuinfo` where there is one)."
+    import platform
+    try: txt = Path('/proc/cpuinfo').read_text()
+    except OSError: txt = ''
+    name = next((l.split(':', 1)[1].strip() for l in txt.splitlines() if l.startswith('model name')), platform.processor() or platform.machine())
+    flags = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in txt.split()]
+    return dict(name=name, cores=os.cpu_count(), flags=flags)

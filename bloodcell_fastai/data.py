@@ -17,7 +17,7 @@ from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, 
                                aug_transforms, Normalize, Saturation, Hue, imagenet_stats,
                                PILImage, defaults, set_seed)
 from .core import DataError, atomic_write, cache_dir, data_root
-from .imaging import (load_rgb, is_hidden, image_files, presize_image, CELL_CROP_VERSION,
+from .imaging import (load_rgb, is_hidden, image_files, presize_image, CELL_CROP_VERSION, colour_spec,
                                       cached_cell_box)
 
 # %% auto #0
@@ -25,8 +25,8 @@ __all__ = ['PBC_URL', 'BLOODMNIST_URL', 'DATASETS', 'PBC_PREFIXES', 'CNMC_RE', '
            'DIHEDRAL', 'DatasetInfo', 'download_dataset', 'get_dataset_path', 'class_root', 'folder_items',
            'pbc_prefix', 'pbc_items', 'cnmc_subject', 'cnmc_items', 'allidb2_items', 'bloodmnist_items', 'dataset_for',
            'load_items', 'inspect_file', 'parent_label', 'audit', 'audit_summary', 'add_groups', 'split_items',
-           'study_subsets', 'save_split', 'load_split', 'presize', 'balance_items', 'load_cell', 'split_column',
-           'cell_tfms', 'cell_block', 'presize_for', 'cell_dataloaders', 'heldout_dl']
+           'study_subsets', 'save_split', 'load_split', 'presize', 'colour_for', 'balance_items', 'load_cell',
+           'split_column', 'cell_tfms', 'cell_block', 'presize_for', 'cell_dataloaders', 'heldout_dl']
 
 # %% ../nbs/02_data.ipynb #4726029e
 @dataclass
@@ -429,11 +429,11 @@ def load_split(fn:Path, # a split CSV written by `save_split`
 
 # %% ../nbs/02_data.ipynb #399355cd
 def _presize_one(args):
-    fn, dest, item_size, crop, pad, cell = args
+    fn, dest, item_size, crop, pad, cell, colour = args
     if Path(dest).exists(): return None
     try: im = load_rgb(fn)
     except DataError as e: return str(e)
-    im, box = presize_image(im, item_size, crop, pad, cell)
+    im, box = presize_image(im, item_size, crop, pad, cell, colour)
     info = None
     if cell: info = PngInfo(); info.add_text('cell_box', json.dumps(box)) # read back by `imaging.cached_cell_box`
     tmp = Path(dest).with_suffix(f'.tmp{os.getpid()}.png')
@@ -452,6 +452,7 @@ def presize(df:pd.DataFrame, # items table with `file`
             crop_border:bool=False, # crop black borders first (C-NMC)
             pad:bool=False, # pad to a square before resizing (keeps the cell's aspect ratio)
             cell_crop:float=None, # crop a square around the nucleated cell at this cell-to-frame ratio (`imaging.crop_to_cell`)
+            colour:dict=None, # a colour normalisation (`imaging.colour_spec`), or None
             cache:Path=None, # cache folder; default `cache_dir('presize')`
             on_error:str='raise', # 'raise' (one error listing every bad file) or 'drop' (warn and drop them)
             n_workers:int=None, # processes; default all cores
@@ -459,10 +460,11 @@ def presize(df:pd.DataFrame, # items table with `file`
     "Decode every image once and cache a resized square copy; adds an `image` column pointing at the copies."
     key = f"{item_size}{'_crop' if crop_border else ''}{'_pad' if pad else ''}"
     if cell_crop: key += f"_cell{cell_crop:g}_v{CELL_CROP_VERSION}"
+    if colour: key += f"_{colour['method']}{hashlib.md5(json.dumps(colour, sort_keys=True).encode()).hexdigest()[:8]}"
     cache = Path(cache or cache_dir('presize'))/key
     cache.mkdir(parents=True, exist_ok=True)
     dests = [str(cache/f"{_cache_key(f)}.png") for f in df.file]
-    todo = [(f,d,item_size,crop_border,pad,cell_crop) for f,d in zip(df.file,dests)]
+    todo = [(f,d,item_size,crop_border,pad,cell_crop,colour) for f,d in zip(df.file,dests)]
     n_workers = defaults.cpus if n_workers is None else n_workers
     errs = list(parallel(_presize_one, todo, n_workers=n_workers, threadpool=True, progress=False))
     bad = [e for e in errs if e]
@@ -474,6 +476,26 @@ def presize(df:pd.DataFrame, # items table with `file`
         df = df[[e is None for e in errs]]
     if cell_crop: df = df.assign(cell_found=[cached_cell_box(d) is not None for d in df.image])
     return df
+
+# %% ../nbs/02_data.ipynb #6f45490c
+def colour_for(df:pd.DataFrame, # items with `file` (and `split`: only train rows are used)
+               method:str=None, # None, 'reinhard' or 'grey'
+               item_size:int=256, # presize side
+               crop_border:bool=False, # as in `presize`
+               pad:bool=False, # as in `presize`
+               cell_crop:float=None, # as in `presize`
+               n:int=200, # training images the Reinhard target is averaged over
+               seed:int=0, # which ones
+              )->dict|None:
+    "The colour normalisation of a run (`imaging.colour_spec`), its Reinhard target taken from the training rows only."
+    if method != 'reinhard': return colour_spec(method)
+    tr = df[df.split=='train'] if 'split' in df else df
+    files = tr.file.sample(min(n, len(tr)), random_state=seed) if len(tr) else []
+    def _one(f):
+        try: return presize_image(load_rgb(f), item_size, crop_border, pad, cell_crop)[0]
+        except DataError: return None # an unreadable file is `presize`'s to report
+    ims = parallel(_one, list(files), n_workers=defaults.cpus, threadpool=True, progress=False)
+    return colour_spec(method, [im for im in ims if im is not None])
 
 # %% ../nbs/02_data.ipynb #63678d87
 def balance_items(df:pd.DataFrame, # items with `split`
@@ -560,14 +582,15 @@ def cell_dataloaders(df:pd.DataFrame, # items with `split` (train/valid/test)
                      num_workers:int=None, # DataLoader workers; default all cores
                      vocab:list=None, # class names in model order
                      cell_crop:float=None, # cell-centred crop at this cell-to-frame ratio (`imaging.crop_to_cell`)
+                     colour:dict=None, # a colour normalisation of every image (`imaging.colour_spec`), or None
                      item_tfms:list=None, # extra item transforms (e.g. the other-lab augmentation of `augment.robust_dl_kwargs`)
                      extra_batch_tfms:list=None, # extra batch transforms
                      **kwargs):
     "Train/valid `DataLoaders` from a split items table; the table, with its test rows, is kept as `dls.items_df`."
     if 'split' not in df: raise DataError("The items table has no 'split' column: call split_items first")
     item_size = item_size or presize_for(size)
-    if use_cache or crop_border or pad or cell_crop:
-        df = presize(df, item_size, crop_border=crop_border, pad=pad, cell_crop=cell_crop)
+    if use_cache or crop_border or pad or cell_crop or colour:
+        df = presize(df, item_size, crop_border=crop_border, pad=pad, cell_crop=cell_crop, colour=colour)
     if isinstance(balance, int) and not isinstance(balance, bool): df = balance_items(df, balance, seed)
     elif balance not in (None, 'weighted', False): raise DataError(f"balance={balance!r}: use None, 'weighted' or a number of images per class")
     trval = df[df.split.isin(['train','valid'])].reset_index(drop=True)
@@ -582,7 +605,7 @@ def cell_dataloaders(df:pd.DataFrame, # items with `split` (train/valid/test)
         w = (1/trval.label.map(counts).fillna(1)).values # fastai keeps the train rows' weights
         dls = dblock.weighted_dataloaders(trval, wgts=w, bs=bs, num_workers=nw)
     else: dls = dblock.dataloaders(trval, bs=bs, num_workers=nw)
-    dls.items_df = df
+    dls.items_df, dls.colour = df, colour
     return dls
 
 # %% ../nbs/02_data.ipynb #95eac339

@@ -36,10 +36,11 @@ class ModelMeta:
     threshold:float=DEFAULT_THRESHOLD # abstention threshold
     label_scheme:str='folder' # how the training labels were read (PBC: folder or prefix)
     dataset:str=None # the training dataset
-    preprocess:dict=field(default_factory=dict) # crop_border, pad, cell_crop: {ratio}
+    preprocess:dict=field(default_factory=dict) # crop_border, pad, cell_crop: {ratio}, colour: `imaging.colour_spec`
     ood:dict=None # the out-of-distribution score, threshold and statistics (`calibrate.calibrate_ood`)
     calibration:dict=None # how the temperature was fitted
     weights:dict=None # where the starting weights came from
+    adapted:dict=None # the unlabelled images a test-time adaptation used, and how (`adapt.adapt_run`)
     format:int=MODEL_FORMAT
     extra:dict=field(default_factory=dict) # keys of model.json this version does not know, kept on rewrite
 
@@ -55,6 +56,8 @@ class ModelMeta:
     def cell_crop(self)->float|None:
         r = (self.preprocess.get('cell_crop') or {}).get('ratio')
         return float(r) if r else None
+    @property
+    def colour(self)->dict|None: return self.preprocess.get('colour')
 
 # %% ../nbs/03_export.ipynb #740e49a5
 REQUIRED_META = ('arch','classes','size','mean','std')
@@ -109,7 +112,7 @@ def update_meta(run_dir:Path, # run folder
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ConfigError(f"temperature must be a positive number, got {t!r}: a temperature divides the logits")
     for k,v in changes.items():
-        if not hasattr(meta, k) or k in ('item_size', 'crop_border', 'pad', 'cell_crop', 'extra'): raise AttributeError(f"ModelMeta has no field {k!r}")
+        if not hasattr(meta, k) or k in ('item_size', 'crop_border', 'pad', 'cell_crop', 'colour', 'extra'): raise AttributeError(f"ModelMeta has no field {k!r}")
         setattr(meta, k, v)
     write_meta(run_dir, meta)
     return meta

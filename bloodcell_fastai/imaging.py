@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage as ndi
-from skimage.color import rgb2hed
+from skimage.color import rgb2hed, rgb2lab, lab2rgb
 from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components, regionprops
 from skimage.morphology import disk
@@ -18,9 +18,10 @@ from fastai.vision.all import image_extensions
 from .core import DataError, ConfigError
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'IMAGE_EXTS', 'CELL_RATIO', 'CELL_CROP_VERSION', 'load_rgb', 'to_rgb', 'is_hidden', 'image_files',
-           'crop_black_border', 'pad_square', 'stain_mask', 'square_around', 'border_colour', 'crop_padded',
-           'find_cell', 'crop_to_cell', 'show_cell_crops', 'presize_image', 'cached_cell_box']
+__all__ = ['MAX_PIXELS', 'IMAGE_EXTS', 'CELL_RATIO', 'COLOUR_METHODS', 'LUMA', 'CELL_CROP_VERSION', 'load_rgb', 'to_rgb',
+           'is_hidden', 'image_files', 'crop_black_border', 'pad_square', 'stain_mask', 'square_around',
+           'border_colour', 'crop_padded', 'find_cell', 'crop_to_cell', 'show_cell_crops', 'lab_stats', 'reinhard',
+           'greyscale', 'colour_spec', 'normalise_colour', 'presize_image', 'cached_cell_box']
 
 # %% ../nbs/01b_imaging.ipynb #d53291ca
 MAX_PIXELS = 8000*8000 # larger than any single-cell image; a bigger file is a whole slide or a decompression bomb
@@ -228,19 +229,72 @@ def show_cell_crops(files:list, # image files
     fig.tight_layout()
     return fig
 
+# %% ../nbs/01b_imaging.ipynb #8065c6bf
+COLOUR_METHODS = ('reinhard', 'grey')
+LUMA = (0.2989, 0.587, 0.114) # the luminance weights of the greyscale PBC study (Foix Romero 2022)
+
+def lab_stats(im:Image.Image, # RGB image
+             )->tuple:
+    "Per-channel mean and standard deviation `(mean, std)` of an RGB image in CIE L*a*b*."
+    lab = rgb2lab(np.asarray(im, dtype=np.float32)/255).reshape(-1, 3)
+    return lab.mean(0), lab.std(0)
+
+# %% ../nbs/01b_imaging.ipynb #bca5d743
+def reinhard(im:Image.Image, # RGB image
+             mean, # target L*a*b* mean (3 numbers)
+             std, # target L*a*b* standard deviation (3 numbers)
+            )->Image.Image:
+    "Reinhard colour transfer: shift and scale each L*a*b* channel of `im` to the target mean and std."
+    lab = rgb2lab(np.asarray(im, dtype=np.float32)/255)
+    m, s = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0)
+    lab = (lab - m)/np.maximum(s, 1e-3)*np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return Image.fromarray((np.clip(lab2rgb(lab), 0, 1)*255).round().astype(np.uint8))
+
+# %% ../nbs/01b_imaging.ipynb #889de5a2
+def greyscale(im:Image.Image, # RGB image
+             )->Image.Image:
+    "Luminance copied to three channels (the weights `LUMA`)."
+    y = np.asarray(im, dtype=np.float32) @ np.asarray(LUMA, np.float32)
+    return Image.fromarray(np.clip(y.round(), 0, 255).astype(np.uint8)).convert('RGB')
+
+# %% ../nbs/01b_imaging.ipynb #94c94b11
+def colour_spec(method:str=None, # None, 'reinhard' or 'grey'
+                images=(), # RGB images of the training lab (Reinhard's target is the mean of their statistics)
+               )->dict|None:
+    "What `model.json` stores of a colour normalisation: the method and, for Reinhard, the target statistics."
+    if method is None: return None
+    if method not in COLOUR_METHODS: raise ConfigError(f"colour={method!r}: choose one of {', '.join(COLOUR_METHODS)}, or none")
+    if method == 'grey': return {'method': 'grey'}
+    st = [lab_stats(im) for im in images]
+    if not st: raise ConfigError("Reinhard normalisation takes its target from the training images, and none were given")
+    return {'method': 'reinhard', 'mean': np.mean([m for m,_ in st], 0).astype(float).round(3).tolist(),
+            'std': np.mean([s for _,s in st], 0).astype(float).round(3).tolist(), 'n_images': len(st)}
+
+# %% ../nbs/01b_imaging.ipynb #5b1de124
+def normalise_colour(im:Image.Image, # RGB image
+                     colour:dict=None, # a `colour_spec` (from model.json), or None for no change
+                    )->Image.Image:
+    "Apply a stored colour normalisation to one image."
+    if not colour: return im
+    if colour.get('method') == 'grey': return greyscale(im)
+    if colour.get('method') == 'reinhard': return reinhard(im, colour['mean'], colour['std'])
+    raise ConfigError(f"colour normalisation {colour.get('method')!r} is unknown to this version (it knows {', '.join(COLOUR_METHODS)}): upgrade bloodcell_fastai")
+
 # %% ../nbs/01b_imaging.ipynb #02d48c0c
 def presize_image(im:Image.Image, # a decoded RGB image
                   item_size:int, # side of the square
                   crop_border:bool=False, # crop black borders first (C-NMC)
                   pad:bool=False, # pad to a square before resizing
                   cell_crop:float=None, # crop a square around the nucleated cell at this cell-to-frame ratio
+                  colour:dict=None, # a `colour_spec` applied to the square (Reinhard or greyscale), or None
                  )->tuple:
     "`(square, cell_box)`: the presize steps on one image; `cell_box` is `None` without a cell crop or when no cell is found."
     box = None
     if crop_border: im = crop_black_border(im)
     if cell_crop: im, box = crop_to_cell(im, cell_crop)
     if pad: im = pad_square(im)
-    return ImageOps.fit(im, (item_size,item_size), method=Image.Resampling.LANCZOS), box # centre square crop + resize
+    im = ImageOps.fit(im, (item_size,item_size), method=Image.Resampling.LANCZOS) # centre square crop + resize
+    return normalise_colour(im, colour), box
 
 # %% ../nbs/01b_imaging.ipynb #31f99b25
 CELL_CROP_VERSION = 1 # part of the cache folder name: bump it when `find_cell` changes, so old crops are not reused

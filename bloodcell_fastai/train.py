@@ -15,9 +15,10 @@ from fastai.vision.all import (Learner, Callback, MixUp, CutMix, CrossEntropyLos
                                accuracy, error_rate, BalancedAccuracy, CohenKappa, valley, set_seed)
 from fastai.distributed import DistributedDL, DistributedTrainer, rank_distrib, num_distrib
 from fastai.callback.progress import ProgressCallback
-from .core import ConfigError, atomic_write, jsonable, cpu_bf16_supported
+from .core import ConfigError, atomic_write, jsonable, cpu_bf16_supported, cpu_info
 from .models import bloodcell_learner, model_stats, get_arch, count_groups
-from .data import load_items, split_items, save_split, load_split, cell_dataloaders, cell_tfms, dataset_for
+from .data import load_items, split_items, save_split, load_split, cell_dataloaders, cell_tfms, dataset_for, presize_for, colour_for
+from .imaging import COLOUR_METHODS
 from .augment import robust_dl_kwargs, ROBUST_AUG_CFG
 from .ood import ood_summary, check_score, capture_features
 from .export import ModelMeta, save_safe, load_safe
@@ -40,7 +41,7 @@ TRAIN_DEFAULTS = dict(
     precision='auto', channels_last=True, balance=None, crop_border=False, pad=False,
     monitor='valid_loss', patience=None, save_best=False, export_pickle=False, num_workers=None,
     **{k: inspect.signature(cell_tfms).parameters[k].default for k in TFM_OPTIONS},
-    cell_crop=None, robust_aug=False, ood_score='feature_stats', ood_pct=95.)
+    cell_crop=None, colour=None, robust_aug=False, ood_score='feature_stats', ood_pct=95.)
 
 RECIPES = ('scratch', 'fine_tune', 'gradual', 'all_at_once')
 # `pretrained=True`: the recipe that won benchmarks/TIME_TO_ACCURACY.md on CPUs (options given explicitly win)
@@ -64,6 +65,8 @@ def train_config(**kwargs)->dict:
         raise ConfigError(f"labels={cfg['labels']!r} reads PBC's file-name prefixes: give dataset='pbc' (--dataset pbc) with --data, or labels='folder'")
     if cfg['cell_crop'] is not None and not 0 < cfg['cell_crop'] <= 1:
         raise ConfigError(f"cell_crop={cfg['cell_crop']}: give the cell-to-frame ratio as a fraction in (0, 1], e.g. 0.5")
+    if cfg['colour'] not in (None, *COLOUR_METHODS):
+        raise ConfigError(f"colour={cfg['colour']!r}: choose one of {', '.join(COLOUR_METHODS)}, or none")
     if cfg['weights'] and not Path(cfg['weights']).is_file():
         raise ConfigError(file=cfg['weights'], problem='not found', fix='give the path of a .pth, .pt, .bin or .safetensors checkpoint')
     try: get_arch(cfg['arch'])
@@ -206,12 +209,13 @@ def run_items(cfg:dict, # run configuration
 def run_dataloaders(df:pd.DataFrame, # split items
                     cfg:dict, # run configuration
                    ):
-    "DataLoaders for a run, normalised with the statistics of the weights."
-    stats = model_stats(cfg['arch'], cfg['pretrained'])
+    "DataLoaders for a run, normalised with the statistics of the weights (and the colour normalisation of `cfg`)."
+    stats, item_size = model_stats(cfg['arch'], cfg['pretrained']), presize_for(cfg['size'])
+    colour = colour_for(df, cfg['colour'], item_size, cfg['crop_border'], cfg['pad'], cfg['cell_crop'], seed=cfg['seed'])
     return cell_dataloaders(df, size=cfg['size'], bs=cfg['bs'], crop_border=cfg['crop_border'], pad=cfg['pad'],
                             balance=cfg['balance'], seed=cfg['seed'], num_workers=cfg['num_workers'], stats=stats,
                             min_scale=cfg['min_scale'], max_rotate=cfg['max_rotate'], max_lighting=cfg['max_lighting'],
-                            max_hue=cfg['max_hue'], cell_crop=cfg['cell_crop'],
+                            max_hue=cfg['max_hue'], cell_crop=cfg['cell_crop'], colour=colour,
                             **robust_dl_kwargs(df, cfg['cell_crop'], cfg['robust_aug']))
 
 # %% ../nbs/06_train.ipynb #d1bf6d61
@@ -350,7 +354,7 @@ def env_info()->dict:
     "Versions and device: what a result depends on besides the configuration."
     import fastai, timm, sklearn, PIL, bloodcell_fastai
     dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
-           (platform.processor() or platform.machine()) + f' ({os.cpu_count()} cpus)')
+           (lambda c: f"{c['name']} ({c['cores']} cpus; {', '.join(c['flags']) or 'no AVX2'})")(cpu_info()))
     return dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
                 timm=timm.__version__, sklearn=sklearn.__version__, pillow=PIL.__version__,
                 bloodcell_fastai=bloodcell_fastai.__version__, platform=platform.platform(), device=dev,
@@ -366,7 +370,8 @@ def model_meta(learn, # the trained learner
     return ModelMeta(learn.arch, list(map(str, dls.vocab)), cfg['size'], list(map(float, mean)), list(map(float, std)),
                      arch_kwargs=learn.arch_kwargs, weights=learn.weights, label_scheme=cfg['labels'], dataset=cfg['dataset'],
                      preprocess=dict(crop_border=cfg['crop_border'], pad=cfg['pad'],
-                                     **({'cell_crop': {'ratio': float(cfg['cell_crop'])}} if cfg.get('cell_crop') else {})))
+                                     **({'cell_crop': {'ratio': float(cfg['cell_crop'])}} if cfg.get('cell_crop') else {}),
+                                     **({'colour': dls.colour} if getattr(dls, 'colour', None) else {})))
 
 # %% ../nbs/06_train.ipynb #7037e433
 def train(run_dir:Path|str, # folder to write the run into

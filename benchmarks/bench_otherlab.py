@@ -1,0 +1,207 @@
+"""Other labs' images: every method of issue 13 on one split, seed and budget, on one machine in one go.
+
+    BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py [--only NAME ...] [--report]
+
+Trains each method's run on the same seeded sample of the PBC half (`TRAIN`: 300 images per class, 60/20/20 grouped
+split, 128 px, 5 epochs), then evaluates every run with every test-time variant (`VARIANTS`: as trained, AdaBN and
+TENT on the target set's own unlabelled images, test-time augmentation) on
+
+- the PBC test split (in-domain; the adaptive variants adapt on those test images, as `predict --adapt` would),
+- `otherlab/jtsc` and `otherlab/cellavision_blog`: accuracy and macro-F1 with the classes restricted to the five the
+  set has, the unrestricted accuracy, the rate of the OOD flag and the flag's AUROC for the model's own errors,
+- the C-NMC sample's normal cells (`hem`: lymphoid cells a PBC model should call lymphocytes) and the ALL-IDB2 blasts
+  (no PBC class: the share flagged OOD or referred is what counts).
+
+The other-lab sets are for evaluation only: nothing here is chosen by their labels (no checkpoint, threshold or
+hyper-parameter); the adaptive variants see their images, never their labels. The fewest images AdaBN needs is
+measured on PBC's own test images under an imitated stain shift (`min_images`), not on another lab's.
+Writes benchmarks/OTHERLAB.md and benchmarks/otherlab.json (saved after every run, so an interruption keeps what
+finished); run folders go to runs/bench_otherlab/.
+"""
+import argparse, json, os, sys, time, tempfile, warnings
+from pathlib import Path
+import numpy as np, pandas as pd
+from bloodcell_fastai.core import cpu_info, atomic_write, data_root
+from bloodcell_fastai.data import load_split, folder_items
+from bloodcell_fastai.metrics import evaluate_probs
+from bloodcell_fastai.export import load_safe, default_model
+from bloodcell_fastai.inference import predict, read_cells
+from bloodcell_fastai.train import train
+from bloodcell_fastai.adapt import adapt_model, run_source_stats, read_adapt_images, adabn, _equal_batches
+from bloodcell_fastai.shifts import make_shifts
+
+TRAIN = dict(dataset='pbc', sample=300, size=128, epochs=5, seed=42)
+LITE = dict(arch='efficientnet_lite0', pretrained=True, lr=2e-3, bs=32)
+METHODS = { # name: (what it is, train options on top of TRAIN)
+    'lite0': ("EfficientNet-Lite0 ImageNet, frozen BN statistics (the shipped recipe)", dict(LITE)),
+    'lite0_crop': ("Lite0 + cell-centred crop 0.5 (`--cell-crop 0.5`)", dict(LITE, cell_crop=0.5)),
+    'lite0_reinhard': ("Lite0 + Reinhard colour normalisation (`--colour reinhard`)", dict(LITE, colour='reinhard')),
+    'lite0_crop_reinhard': ("Lite0 + cell crop 0.5 + Reinhard", dict(LITE, cell_crop=0.5, colour='reinhard')),
+    'lite0_bn_train': ("EfficientNet-Lite0 ImageNet, BatchNorm in training mode", dict(LITE, freeze_bn=False)),
+    'lite0_grey': ("Lite0 + greyscale input (`--colour grey`)", dict(LITE, colour='grey')),
+    'lite0_crop_robust': ("Lite0 + cell crop 0.5 + other-lab augmentation (`--robust-aug`)", dict(LITE, cell_crop=0.5, robust_aug=True)),
+    'resnet18': ("today's default: ResNet-18 from scratch", dict(arch='resnet18')),
+    'resnet18_crop_robust': ("ResNet-18 from scratch, `--cell-crop 0.5 --robust-aug`", dict(arch='resnet18', cell_crop=0.5, robust_aug=True)),
+}
+VARIANTS = ('plain', 'adabn', 'tent', 'tta')
+ENSEMBLE = ('lite0', 'lite0_reinhard', 'lite0_crop', 'lite0_crop_reinhard') # averaged probabilities, one row per variant
+
+def sets(root):
+    "name: (items with file/label, the images adaptation may use, kind)"
+    ol = root/'otherlab'
+    cn = sorted(map(str, (root/'cnmc').rglob('*.bmp')))
+    ai = sorted(map(str, (root/'allidb2').rglob('*.tif')))
+    out = {o: (folder_items(ol/o)[['file', 'label']], None, 'labelled') for o in ('jtsc', 'cellavision_blog')}
+    out['cnmc_hem'] = (pd.DataFrame({'file': [f for f in cn if '/hem/' in f], 'label': 'lymphocyte'}), cn, 'labelled')
+    out['allidb2_blasts'] = (pd.DataFrame({'file': [f for f in ai if Path(f).stem.endswith('_1')], 'label': 'blast'}), ai, 'unknown')
+    return out
+
+def adapted(model, meta, source, files, variant):
+    _, ims = read_adapt_images(files, meta)
+    return adapt_model(model, meta, ims, variant, source=source)
+
+def score(df, items, classes, kind, n_boot=1000):
+    "Metrics of predict's output `df` against `items`' labels."
+    probs = df[[f'prob_{c}' for c in classes]].values
+    flag = df.ood.values.astype(bool) if 'ood' in df else np.zeros(len(df), bool)
+    refer = (df.status != 'ok').values
+    r = dict(n=len(df), ood_rate=float(flag.mean()), flagged_or_referred=float((flag | refer).mean()))
+    if kind == 'unknown': return r
+    labels = items.label.astype(str).values
+    shared = [c for c in classes if c in set(labels)]
+    rep = evaluate_probs(probs, labels, shared, model_classes=classes, n_boot=n_boot, present=True)
+    pred_r = np.asarray(shared)[probs[:, [classes.index(c) for c in shared]].argmax(1)]
+    err = pred_r != labels
+    r.update(acc=rep['accuracy'], f1_macro=rep['f1_macro']['value'], acc_all=float((np.asarray(classes)[probs.argmax(1)] == labels).mean()))
+    if 'ood_score' in df and 0 < err.sum() < len(err):
+        from sklearn.metrics import roc_auc_score
+        r['ood_auroc_errors'] = float(roc_auc_score(err, df.ood_score.values))
+    return r
+
+def evaluate(run, root, n_boot):
+    "Every variant on every set: {variant: {set: metrics}}, and the probabilities for the ensemble."
+    model, meta = load_safe(run)
+    classes = list(meta.classes)
+    source = run_source_stats(run, model, meta)
+    test = load_split(Path(run)/'split.csv').query("split=='test'")[['file', 'label']].reset_index(drop=True)
+    allsets = {'pbc_test': (test, None, 'labelled'), **sets(root)}
+    res, probs = {}, {}
+    for v in VARIANTS:
+        res[v], probs[v] = {}, {}
+        for name, (items, adapt_on, kind) in allsets.items():
+            files = list(items.file)
+            m = adapted(model, meta, source, adapt_on or files, v) if v in ('adabn', 'tent') else model
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                df = predict((m, meta), files, tta=v == 'tta')
+            res[v][name] = score(df, items, classes, kind, n_boot)
+            probs[v][name] = (df, items, kind)
+    return res, probs, classes
+
+def ensemble(probs_by_run, classes, n_boot):
+    res = {}
+    for v in VARIANTS:
+        res[v] = {}
+        for name in probs_by_run[ENSEMBLE[0]][v]:
+            dfs = [probs_by_run[r][v][name][0] for r in ENSEMBLE]
+            df = dfs[0].copy()
+            for c in [f'prob_{c}' for c in classes]: df[c] = np.mean([d[c].values for d in dfs], 0)
+            df['ood'] = np.any([d.ood.values for d in dfs], 0) # flagged when any member flags it
+            df['ood_score'] = np.mean([d.ood_score.rank(pct=True).values for d in dfs], 0)
+            p = df[[f'prob_{c}' for c in classes]].values
+            df['status'] = np.where(p.max(1) < 0.5, 'refer', 'ok')
+            items, kind = probs_by_run[ENSEMBLE[0]][v][name][1:]
+            res[v][name] = score(df, items, classes, kind, n_boot)
+    return res
+
+def min_images(run, root, tmp, ks=(8, 16, 32, 64, 128, 256), reps=3):
+    "AdaBN accuracy on PBC's test split under an imitated stain shift, adapting on k of its images (no other lab involved)."
+    model, meta = load_safe(run)
+    source = run_source_stats(run, model, meta)
+    test = load_split(Path(run)/'split.csv').query("split=='test'").reset_index(drop=True)
+    sh = make_shifts(test, tmp, kinds=('stain',), item_size=meta.item_size)
+    ims = [im for im in read_cells(list(sh.file), meta)[0]]
+    classes = np.asarray(meta.classes)
+    def acc(m): return float((classes[predict((m, meta), list(sh.file)).filter(like='prob_').values.argmax(1)] == sh.label.values).mean())
+    out = {'none': acc(model)}
+    for k in ks:
+        a = []
+        for rep in range(reps):
+            idx = np.random.default_rng(rep).permutation(len(ims))[:k]
+            import copy
+            m = adabn(copy.deepcopy(model).float(), _equal_batches([ims[i] for i in idx], meta, 64), source)
+            a.append(acc(m))
+        out[str(k)] = dict(mean=float(np.mean(a)), min=float(np.min(a)), max=float(np.max(a)))
+    return out
+
+def fmt(m, key='acc'):
+    if m is None: return ''
+    v = m.get(key)
+    if isinstance(v, dict): return f"{v['value']:.3f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}]"
+    return '' if v is None else f"{v:.3f}"
+
+def report(res, out):
+    info, rows = res['info'], res['runs']
+    L = ['# Other labs\' images: what transfers (benchmarks/bench_otherlab.py)', '',
+         f"Command: `{info['command']}`  ", f"CPU: {info['cpu']} ({info['cores']} cores; {', '.join(info['flags'])}); {info['date']}; torch {info['torch']}  ",
+         f"Budget, the same for every method: {json.dumps(TRAIN)} (one seeded split of the PBC half: {info.get('n_test', '?')} test images). "
+         'Other-lab figures: accuracy with the classes restricted to those the set has (95% bootstrap CI), macro-F1 restricted, '
+         'unrestricted accuracy, the share flagged OOD. `adabn`/`tent` adapt on the evaluated set\'s own images without labels '
+         '(on PBC test images for the in-domain column; C-NMC on all 52 sample images; ALL-IDB2 on all 260). '
+         'The other-lab labels chose nothing.', '']
+    hdr = '| method | variant | PBC test acc | JTSC acc | JTSC F1 | JTSC all | JTSC OOD | CV-blog acc | CV-blog F1 | CV-blog all | CV-blog OOD | C-NMC hem → lymphocyte | ALL-IDB2 blasts flagged |'
+    L += ['## All methods', '', hdr, '|' + '---|'*13]
+    for name, r in rows.items():
+        if 'eval' not in r: continue
+        for v, e in r['eval'].items():
+            j, c, h, a = e['jtsc'], e['cellavision_blog'], e['cnmc_hem'], e['allidb2_blasts']
+            L.append(f"| {name} | {v} | {fmt(e['pbc_test'])} | {fmt(j)} | {fmt(j, 'f1_macro')} | {fmt(j, 'acc_all')} | {fmt(j, 'ood_rate')} | "
+                     f"{fmt(c)} | {fmt(c, 'f1_macro')} | {fmt(c, 'acc_all')} | {fmt(c, 'ood_rate')} | {fmt(h, 'acc_all')} | {fmt(a, 'flagged_or_referred')} |")
+    L += ['', '`C-NMC hem → lymphocyte` is the unrestricted share called lymphocyte; `ALL-IDB2 blasts flagged` the share flagged OOD or referred.', '']
+    L += ['## The OOD flag as a catcher of the model\'s own errors (AUROC, restricted errors)', '',
+          '| method | variant | JTSC | CV-blog | PBC test |', '|---|---|---|---|---|']
+    for name, r in rows.items():
+        for v, e in r.get('eval', {}).items():
+            L.append(f"| {name} | {v} | {fmt(e['jtsc'], 'ood_auroc_errors')} | {fmt(e['cellavision_blog'], 'ood_auroc_errors')} | {fmt(e['pbc_test'], 'ood_auroc_errors')} |")
+    if res.get('min_images'):
+        mi = res['min_images']
+        L += ['', f"## How many images AdaBN needs (method `{mi['run']}`, PBC test split under an imitated stain shift)", '',
+              f"No adaptation: {mi['acc']['none']:.3f}.", '', '| images adapted on | accuracy (mean of 3 draws) | min | max |', '|---|---|---|---|']
+        for k, a in mi['acc'].items():
+            if k != 'none': L.append(f"| {k} | {a['mean']:.3f} | {a['min']:.3f} | {a['max']:.3f} |")
+    L += ['', '## Methods', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLE)}"
+                                   + (f" ({rows[n]['train_minutes']:.1f} min training)" if rows[n].get('train_minutes') else '') for n in rows]
+    atomic_write(out/'OTHERLAB.md', '\n'.join(L) + '\n')
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--only', nargs='*', default=list(METHODS)); p.add_argument('--report', action='store_true')
+    p.add_argument('--runs', default='runs/bench_otherlab'); p.add_argument('--n-boot', type=int, default=1000)
+    a = p.parse_args()
+    out, runs = Path(__file__).parent, Path(a.runs)
+    fn = out/'otherlab.json'
+    res = json.loads(fn.read_text()) if fn.exists() else {'runs': {}}
+    if a.report: return report(res, out)
+    root = data_root()
+    if root is None or not (root/'otherlab').exists(): sys.exit('set BLOODCELL_DATA to the data folder holding otherlab/, pbc/, cnmc/ and allidb2/')
+    import torch
+    res['info'] = dict(command='BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py' + (f" --only {' '.join(a.only)}" if set(a.only) != set(METHODS) else ''),
+                       **{k: v for k, v in cpu_info().items()}, cpu=cpu_info()['name'], date=time.strftime('%Y-%m-%d'), torch=torch.__version__)
+    probs_by_run = {}
+    for name in a.only:
+        run = runs/name
+        if not (run/'model.safetensors').exists(): train(run, **TRAIN, **METHODS[name][1])
+        res['runs'].setdefault(name, {})['train_minutes'] = json.loads((run/'record.json').read_text())['timings']['train_seconds']/60
+        ev, probs, classes = evaluate(run, root, a.n_boot)
+        probs_by_run[name] = probs
+        res['runs'].setdefault(name, {})['eval'] = ev
+        res['info']['n_test'] = ev['plain']['pbc_test']['n']
+        print(name, {v: (round(e['pbc_test']['acc']['value'], 3), round(e['jtsc']['acc']['value'], 3), round(e['cellavision_blog']['acc']['value'], 3)) for v, e in ev.items()}, flush=True)
+        atomic_write(fn, json.dumps(res, indent=1)); report(res, out)
+    if all(r in probs_by_run for r in ENSEMBLE):
+        res['runs']['ensemble'] = {'eval': ensemble(probs_by_run, classes, a.n_boot)}
+    if 'lite0' in a.only:
+        with tempfile.TemporaryDirectory() as d: res['min_images'] = dict(run='lite0', acc=min_images(runs/'lite0', root, Path(d)))
+    atomic_write(fn, json.dumps(res, indent=1)); report(res, out)
+
+if __name__ == '__main__': main()
