@@ -144,6 +144,18 @@ def test_app_classifies_and_reports_bad_input(page, run, pbc_sample, tmp_path):
     xl = pg.get_by_text('Download Excel').get_attribute('href')
     assert pd.read_excel(io.BytesIO(base64.b64decode(xl.split(',', 1)[1]))).file.tolist() == df.file.tolist()
 
+    # adaptation is offered only for enough images from one lab, and says what it did
+    box = pg.get_by_role('checkbox', name=re.compile('Adapt to these images'))
+    assert box.is_disabled()
+    many = [f for c in pbc_sample for f in readable(pbc_sample, c, 12)][:40]
+    assert len(many) >= 32
+    upload(pg, *many)
+    pg.wait_for_function("() => { const b = [...document.querySelectorAll('input[type=checkbox]')].find(e => e.parentElement.innerText.includes('Adapt')); return b && !b.disabled }", timeout=30_000)
+    box.check(); classify(pg)
+    body = text(pg.locator('body'))
+    assert f'Adapted the model to {len(many)} uploaded image(s)' in body, body[-800:]
+    assert re.search(rf'{len(many)} file\(s\): \d+ classified', body)
+
     shot = tmp_path/'app.png'
     pg.set_viewport_size({'width':1100, 'height':2000}) # Voila scrolls inside its own container: make it all visible
     pg.screenshot(path=str(shot), full_page=True)
