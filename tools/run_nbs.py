@@ -9,7 +9,9 @@ be: `$BLOODCELL_DATA` for the data folder, `.` for the checkout, `$TMP` for temp
 Cells flagged with a `tst_flags` flag (`#| slow`, `#| gpu`, `#| download`) and `#| eval: false` cells are not run,
 exactly as in `nbdev_test`; their stored outputs are cleared. A notebook that fails is left unchanged.
 """
-import os, sys
+import os, sys, warnings
+# timm's own deprecation notice (the same filter as pytest.ini): not ours to fix, and not for the docs
+warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
 from pathlib import Path
 from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell
