@@ -16,6 +16,25 @@ from bloodcell_fastai.core import atomic_write
 from bloodcell_fastai.export import load_safe, read_meta, labelled_items
 from bloodcell_fastai.inference import prepare_items, predict_probs, backend_model, DEFAULT_BACKEND, resolve_backend
 from bloodcell_fastai.calibrate import calibrate_run
+from bloodcell_fastai.core import data_root
+from bloodcell_fastai.evaluate import evaluate_run
+from bloodcell_fastai.adapt import run_source_stats, save_bn_stats, adapt_run, BN_SOURCE
+
+OTHER_LABS = ('jtsc', 'cellavision_blog') # $BLOODCELL_DATA/otherlab: evaluation only, nothing is chosen by them
+
+def other_labs(folder):
+    "Restricted accuracy (95% CI) on the other-lab sets, as shipped and after AdaBN on each set's own images; None without the data."
+    root = data_root()
+    if root is None or not (root/'otherlab').exists(): return None
+    out = {}
+    for s in OTHER_LABS:
+        d = root/'otherlab'/s
+        rep = evaluate_run(folder, data=d, restrict_classes=True)
+        with tempfile.TemporaryDirectory() as t:
+            ad = evaluate_run(adapt_run(folder, d, Path(t)/'adapted'), data=d, restrict_classes=True)
+        out[s] = dict(n=rep['n_images'], shipped=rep['restricted']['accuracy'], adabn=ad['restricted']['accuracy'],
+                      shipped_all=rep['accuracy']['value'], classes=rep['shared_classes'])
+    return out
 
 KEEP = ('config', 'seed', 'split_csv_md5', 'n_images', 'env', 'status', 'started', 'stages', 'precision', 'timings',
         'n_groups', 'weights', 'final_metrics', 'ood')
@@ -77,6 +96,9 @@ agreement {100*agree['top1']:.2f} %, largest probability difference {agree['max_
 recipe: {c['recipe']}{', head fitted on cached features' if c.get('cached_head') else ''}{', frozen BatchNorm statistics' if c.get('freeze_bn') else ''}, {c['epochs']} epochs, lr {c['lr']},
 lr_mult {c['lr_mult']}, batch {c['bs']}, torch {rec['env']['torch']}, timm {rec['env']['timm']}).
 
+## Other labs (evaluation only)
+{other_card(rec['shipped'].get('other_labs'))}
+
 ## Intended use and limits
 - Research and teaching: a second opinion on single-cell crops from a CellaVision-like analyser with MGG staining.
   Not a medical device; not validated for diagnosis.
@@ -84,6 +106,17 @@ lr_mult {c['lr_mult']}, batch {c['bs']}, torch {rec['env']['torch']}, timm {rec[
   issue 13): use the OOD flag and abstention, and validate on your own labelled images first (`bloodcell evaluate`).
 - Classes are the 8 PBC groups; immature granulocytes are one class, blasts and other cells outside PBC have none.
 """
+
+def other_card(ol):
+    if not ol: return 'Not measured: the other-lab sets were not in $BLOODCELL_DATA when this card was written.'
+    rows = '\n'.join(f"| {s} | {', '.join(o['classes'])} | {pct(o['shipped'])} | {pct(o['adabn'])} | {100*o['shipped_all']:.1f} % |" for s, o in ol.items())
+    return f"""Accuracy with the classes restricted to those each set has (95 % bootstrap CIs); the last column is unrestricted.
+`AdaBN` is `bloodcell adapt` on the set's own unlabelled images (aligned to `bn_source.safetensors`). These sets chose
+nothing about the model; see benchmarks/OTHERLAB.md for every method compared.
+
+| set | classes | as shipped | after AdaBN | as shipped, all 8 classes |
+|---|---|---|---|---|
+{rows}"""
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,6 +143,10 @@ def main():
     rec['weights'] = portable(rec.get('weights'))
     rec['shipped'] = dict(date=time.strftime('%Y-%m-%d'), fp16_agreement=agree, calibration={s: cal[s] for s in ('valid', 'test')},
                           temperature=cal['temperature'], command=a.make_command)
+    source = run_source_stats(run, model, meta) # the training lab's BatchNorm statistics, for `bloodcell adapt`
+    if source: save_bn_stats(source, tmp/BN_SOURCE)
+    atomic_write(tmp/'record.json', json.dumps(rec, indent=1))
+    rec['shipped']['other_labs'] = other_labs(tmp)
     atomic_write(tmp/'record.json', json.dumps(rec, indent=1))
     if resolve_backend(DEFAULT_BACKEND) == 'onnx-int8':
         backend_model(tmp, 'onnx-int8', calib=labelled_items(run, split='train').sample(256, random_state=0))
