@@ -8,6 +8,7 @@ import sys, json, subprocess, traceback
 from pathlib import Path
 import pandas as pd, torch
 from fastcore.script import call_parse, anno_parser, store_true, Param
+import bloodcell_fastai
 from .core import BloodcellError, DataError, ERROR_STATUS, atomic_write
 from .data import (DATASETS, get_dataset_path, load_items, class_root, parent_label, audit, audit_summary,
                                    split_items, save_split, cell_dataloaders)
@@ -320,7 +321,7 @@ COMMANDS = dict(audit=bloodcell_audit, train=bloodcell_train, evaluate=bloodcell
                 demo=bloodcell_demo)
 
 def _usage():
-    lines = ['usage: bloodcell [--debug] COMMAND [options]   (bloodcell COMMAND --help for its options)', '', 'commands:']
+    lines = ['usage: bloodcell [--debug] COMMAND [options]   (bloodcell COMMAND --help for its options; bloodcell --version)', '', 'commands:']
     lines += [f'  {k:10s}{v.__doc__}' for k,v in COMMANDS.items()]
     return '\n'.join(lines)
 
@@ -345,6 +346,7 @@ def main(argv:list=None # arguments after `bloodcell` (default `sys.argv[1:]`)
     debug = '--debug' in argv
     argv = [a for a in argv if a != '--debug']
     if not argv or argv[0] in ('-h','--help'): print(_usage()); return 0
+    if argv[0] in ('-V','--version'): print(f'bloodcell_fastai {bloodcell_fastai.__version__}'); return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         print(f"bloodcell: unknown command {cmd!r}\n{_usage()}", file=sys.stderr); sys.exit(2)
