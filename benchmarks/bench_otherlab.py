@@ -25,7 +25,7 @@ from bloodcell_fastai.core import cpu_info, atomic_write, data_root
 from bloodcell_fastai.data import load_split, folder_items
 from bloodcell_fastai.metrics import evaluate_probs
 from bloodcell_fastai.export import load_safe, default_model
-from bloodcell_fastai.inference import predict, read_cells
+from bloodcell_fastai.inference import predict, read_cells, predict_cells
 from bloodcell_fastai.train import train
 from bloodcell_fastai.adapt import adapt_model, run_source_stats, read_adapt_images, adabn, _equal_batches
 from bloodcell_fastai.shifts import make_shifts
@@ -56,10 +56,6 @@ def sets(root):
     out['allidb2_blasts'] = (pd.DataFrame({'file': [f for f in ai if Path(f).stem.endswith('_1')], 'label': 'blast'}), ai, 'unknown')
     return out
 
-def adapted(model, meta, source, files, variant):
-    _, ims = read_adapt_images(files, meta)
-    return adapt_model(model, meta, ims, variant, source=source)
-
 def score(df, items, classes, kind, n_boot=1000):
     "Metrics of predict's output `df` against `items`' labels."
     probs = df[[f'prob_{c}' for c in classes]].values
@@ -78,22 +74,31 @@ def score(df, items, classes, kind, n_boot=1000):
         r['ood_auroc_errors'] = float(roc_auc_score(err, df.ood_score.values))
     return r
 
+def frame(model, meta, ims, tta):
+    "What `predict` reports per image (probabilities, OOD flag and score, status), from images decoded once."
+    classes = list(meta.classes)
+    out = predict_cells(model, meta, ims, n_tta=4 if tta else 0, ood=meta.ood)
+    p, sc = out if meta.ood else (out, np.full(len(ims), np.nan))
+    df = pd.DataFrame(p, columns=[f'prob_{c}' for c in classes])
+    df['ood_score'], df['ood'] = sc, sc > (meta.ood or {}).get('threshold', np.inf)
+    df['status'] = np.where(p.max(1) < meta.threshold, 'refer', 'ok')
+    return df
+
 def evaluate(run, root, n_boot):
-    "Every variant on every set: {variant: {set: metrics}}, and the probabilities for the ensemble."
+    "Every variant on every set: {variant: {set: metrics}}, and the per-image frames for the ensemble."
     model, meta = load_safe(run)
     classes = list(meta.classes)
     source = run_source_stats(run, model, meta)
     test = load_split(Path(run)/'split.csv').query("split=='test'")[['file', 'label']].reset_index(drop=True)
     allsets = {'pbc_test': (test, None, 'labelled'), **sets(root)}
-    res, probs = {}, {}
-    for v in VARIANTS:
-        res[v], probs[v] = {}, {}
-        for name, (items, adapt_on, kind) in allsets.items():
-            files = list(items.file)
-            m = adapted(model, meta, source, adapt_on or files, v) if v in ('adabn', 'tent') else model
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                df = predict((m, meta), files, tta=v == 'tta')
+    res, probs = {v: {} for v in VARIANTS}, {v: {} for v in VARIANTS}
+    for name, (items, adapt_on, kind) in allsets.items():
+        ims, errs, _ = read_cells(list(items.file), meta) # decoded and preprocessed once per run and set
+        assert all(e is None for e in errs), [e for e in errs if e][:1]
+        adapt_ims = ims if adapt_on is None else read_adapt_images(adapt_on, meta)[1]
+        for v in VARIANTS:
+            m = adapt_model(model, meta, adapt_ims, v, source=source) if v in ('adabn', 'tent') else model
+            df = frame(m, meta, ims, tta=v == 'tta')
             res[v][name] = score(df, items, classes, kind, n_boot)
             probs[v][name] = (df, items, kind)
     return res, probs, classes
@@ -109,7 +114,7 @@ def ensemble(probs_by_run, classes, n_boot):
             df['ood'] = np.any([d.ood.values for d in dfs], 0) # flagged when any member flags it
             df['ood_score'] = np.mean([d.ood_score.rank(pct=True).values for d in dfs], 0)
             p = df[[f'prob_{c}' for c in classes]].values
-            df['status'] = np.where(p.max(1) < 0.5, 'refer', 'ok')
+            df['status'] = np.where(p.max(1) < 0.5, 'refer', 'ok') # the default threshold
             items, kind = probs_by_run[ENSEMBLE[0]][v][name][1:]
             res[v][name] = score(df, items, classes, kind, n_boot)
     return res
@@ -122,7 +127,7 @@ def min_images(run, root, tmp, ks=(8, 16, 32, 64, 128, 256), reps=3):
     sh = make_shifts(test, tmp, kinds=('stain',), item_size=meta.item_size)
     ims = [im for im in read_cells(list(sh.file), meta)[0]]
     classes = np.asarray(meta.classes)
-    def acc(m): return float((classes[predict((m, meta), list(sh.file)).filter(like='prob_').values.argmax(1)] == sh.label.values).mean())
+    def acc(m): return float((classes[predict_cells(m, meta, ims).argmax(1)] == sh.label.values).mean())
     out = {'none': acc(model)}
     for k in ks:
         a = []
@@ -140,6 +145,14 @@ def fmt(m, key='acc'):
     if isinstance(v, dict): return f"{v['value']:.3f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}]"
     return '' if v is None else f"{v:.3f}"
 
+def winner(rows, margin=0.01):
+    "The (method, variant) with the best worst-set restricted other-lab accuracy among those within `margin` of the best PBC test accuracy of their variant."
+    cands = [(n, v, e) for n, r in rows.items() for v, e in r.get('eval', {}).items()]
+    best = {v: max(e['pbc_test']['acc']['value'] for _, vv, e in cands if vv == v) for v in VARIANTS}
+    ok = [(min(e['jtsc']['acc']['value'], e['cellavision_blog']['acc']['value']), n, v) for n, v, e in cands
+          if e['pbc_test']['acc']['value'] >= best[v] - margin]
+    return max(ok)[1:] if ok else None, best
+
 def report(res, out):
     info, rows = res['info'], res['runs']
     L = ['# Other labs\' images: what transfers (benchmarks/bench_otherlab.py)', '',
@@ -149,6 +162,15 @@ def report(res, out):
          'unrestricted accuracy, the share flagged OOD. `adabn`/`tent` adapt on the evaluated set\'s own images without labels '
          '(on PBC test images for the in-domain column; C-NMC on all 52 sample images; ALL-IDB2 on all 260). '
          'The other-lab labels chose nothing.', '']
+    w, best = winner(rows)
+    if w:
+        e = rows[w[0]]['eval'][w[1]]
+        L += ['## The winner', '', f"Rule (the issue's in-domain condition, written down when three methods had been measured): among the (method, variant) pairs whose PBC test accuracy is within 1 point of "
+              f"the best of their variant ({', '.join(f'{v} {b:.3f}' for v, b in best.items())}), the one with the highest *worst* restricted "
+              f"accuracy over JTSC and CellaVision-blog. **{w[0]} / {w[1]}**: PBC {fmt(e['pbc_test'])}, JTSC {fmt(e['jtsc'])}, "
+              f"CellaVision-blog {fmt(e['cellavision_blog'])}. The issue's target (>= 0.85 on every set) is "
+              f"{'met' if min(e['jtsc']['acc']['value'], e['cellavision_blog']['acc']['value']) >= 0.85 else 'not met'}. Choosing among all these pairs by the two sets' labels makes the winner's figures on them optimistic: "
+              "the other labs' sets held back from this project are the honest test.", '']
     hdr = '| method | variant | PBC test acc | JTSC acc | JTSC F1 | JTSC all | JTSC OOD | CV-blog acc | CV-blog F1 | CV-blog all | CV-blog OOD | C-NMC hem → lymphocyte | ALL-IDB2 blasts flagged |'
     L += ['## All methods', '', hdr, '|' + '---|'*13]
     for name, r in rows.items():
@@ -177,6 +199,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--only', nargs='*', default=list(METHODS)); p.add_argument('--report', action='store_true')
     p.add_argument('--runs', default='runs/bench_otherlab'); p.add_argument('--n-boot', type=int, default=1000)
+    p.add_argument('--force', action='store_true', help='evaluate again runs already evaluated')
     a = p.parse_args()
     out, runs = Path(__file__).parent, Path(a.runs)
     fn = out/'otherlab.json'
@@ -192,15 +215,21 @@ def main():
         run = runs/name
         if not (run/'model.safetensors').exists(): train(run, **TRAIN, **METHODS[name][1])
         res['runs'].setdefault(name, {})['train_minutes'] = json.loads((run/'record.json').read_text())['timings']['train_seconds']/60
-        ev, probs, classes = evaluate(run, root, a.n_boot)
+        frames = run/'otherlab_frames.pkl' # per-image results, so the ensemble needs no second evaluation
+        if frames.exists() and 'eval' in res['runs'][name] and not a.force: ev, probs, classes = res['runs'][name]['eval'], *pd.read_pickle(frames)
+        else:
+            ev, probs, classes = evaluate(run, root, a.n_boot)
+            pd.to_pickle((probs, classes), frames)
         probs_by_run[name] = probs
         res['runs'].setdefault(name, {})['eval'] = ev
         res['info']['n_test'] = ev['plain']['pbc_test']['n']
         print(name, {v: (round(e['pbc_test']['acc']['value'], 3), round(e['jtsc']['acc']['value'], 3), round(e['cellavision_blog']['acc']['value'], 3)) for v, e in ev.items()}, flush=True)
         atomic_write(fn, json.dumps(res, indent=1)); report(res, out)
+    for r in ENSEMBLE: # members evaluated in an earlier invocation
+        if r not in probs_by_run and (runs/r/'otherlab_frames.pkl').exists(): probs_by_run[r], classes = pd.read_pickle(runs/r/'otherlab_frames.pkl')
     if all(r in probs_by_run for r in ENSEMBLE):
         res['runs']['ensemble'] = {'eval': ensemble(probs_by_run, classes, a.n_boot)}
-    if 'lite0' in a.only:
+    if 'lite0' in a.only and 'min_images' not in res:
         with tempfile.TemporaryDirectory() as d: res['min_images'] = dict(run='lite0', acc=min_images(runs/'lite0', root, Path(d)))
     atomic_write(fn, json.dumps(res, indent=1)); report(res, out)
 

@@ -24,9 +24,9 @@ from .study import load_study_config, run_study, study_results, study_table, stu
 from .app import voila_command, app_env
 
 # %% auto #0
-__all__ = ['COMMANDS', 'bloodcell_audit', 'bloodcell_train', 'bloodcell_evaluate', 'adapted_model', 'bloodcell_predict',
-           'bloodcell_adapt', 'bloodcell_interpret', 'bloodcell_ensemble', 'bloodcell_study', 'bloodcell_app',
-           'bloodcell_models', 'bloodcell_demo', 'command_parser', 'main']
+__all__ = ['OTHERLAB_DEFAULTS', 'COMMANDS', 'bloodcell_audit', 'bloodcell_train', 'bloodcell_evaluate', 'adapted_model',
+           'bloodcell_predict', 'bloodcell_adapt', 'bloodcell_interpret', 'bloodcell_ensemble', 'bloodcell_study',
+           'bloodcell_app', 'bloodcell_models', 'bloodcell_demo', 'command_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #38822146
 @call_parse
@@ -53,6 +53,9 @@ def bloodcell_audit(path:str, # folder to audit, or a dataset name (pbc, cnmc, a
         print(f"wrote {json}")
     return a
 
+# %% ../nbs/09_cli.ipynb #7af3decf
+OTHERLAB_DEFAULTS = dict(cell_crop=0.5, colour='reinhard') # `bloodcell train --pretrained`: the winner of benchmarks/OTHERLAB.md
+
 # %% ../nbs/09_cli.ipynb #b0176621
 @call_parse
 def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv, model.safetensors, model.json, ...)
@@ -77,8 +80,8 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                     balance:str=None, # weighted, or a number of training images per class
                     crop_border:store_true=False, # crop black borders (C-NMC)
                     pad:store_true=False, # pad to a square before resizing
-                    cell_crop:float=None, # crop around the nucleated cell at this cell-to-frame ratio, e.g. 0.5 (other labs)
-                    colour:str=None, # normalise colour toward the training lab: reinhard (L*a*b* statistics) or grey (luminance)
+                    cell_crop:float=None, # crop around the nucleated cell at this cell-to-frame ratio (--pretrained default 0.5; 0: no crop)
+                    colour:str=None, # normalise colour toward the training lab: reinhard (--pretrained default), grey, or none
                     robust_aug:store_true=False, # other-lab augmentation: scale, HED stain jitter, blur, JPEG, downscale
                     ood_score:str=TRAIN_DEFAULTS['ood_score'], # out-of-distribution score calibrated on valid: feature_stats, cosine, mahalanobis, energy or msp
                     no_ood:store_true=False, # calibrate no out-of-distribution flag
@@ -90,6 +93,10 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
     if not out: raise DataError("give the run folder to write: --out RUN_DIR")
     bal = int(balance) if balance and str(balance).isdigit() else balance
     arch = arch or ('efficientnet_lite0' if pretrained else TRAIN_DEFAULTS['arch'])
+    if pretrained: # the other-lab winner of benchmarks/OTHERLAB.md, unless given
+        cell_crop = OTHERLAB_DEFAULTS['cell_crop'] if cell_crop is None else cell_crop
+        colour = OTHERLAB_DEFAULTS['colour'] if colour is None else colour
+    cell_crop, colour = cell_crop or None, None if colour in (None, 'none') else colour
     run = train(out, resume=resume, dataset=dataset, data=data, arch=arch, size=size, epochs=epochs, bs=bs, lr=lr,
                 pretrained=bool(pretrained), weights=weights, recipe=recipe, mixup=mixup, cutmix=cutmix,
                 label_smoothing=label_smoothing, labels=labels, sample=sample, seed=seed, precision=precision,

@@ -97,3 +97,16 @@ def test_colour_normalisation_train_equals_predict(tmp_path, data_root):
 def test_colour_bad_option():
     from bloodcell_fastai.train import train_config
     with pytest.raises(ConfigError, match='choose one of reinhard, grey'): train_config(colour='macenko')
+
+@pytest.mark.parametrize('args,want', [(['--pretrained'], (0.5, 'reinhard')),
+                                       (['--pretrained', '--cell-crop', '0', '--colour', 'none'], (None, None)),
+                                       (['--pretrained', '--colour', 'grey'], (0.5, 'grey')),
+                                       ([], (None, None))])
+def test_train_cli_other_lab_defaults(monkeypatch, tmp_path, args, want):
+    "`bloodcell train --pretrained` frames the cell and normalises colour (benchmarks/OTHERLAB.md's winner); both can be turned off; scratch runs are unchanged."
+    import bloodcell_fastai.cli as cli
+    seen = {}
+    def fake_train(out, **kw): seen.update(kw); raise DataError('stop here')
+    monkeypatch.setattr(cli, 'train', fake_train)
+    with pytest.raises(SystemExit): cli.main(['train', '--out', str(tmp_path/'r'), *args])
+    assert (seen['cell_crop'], seen['colour']) == want
