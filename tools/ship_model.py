@@ -93,7 +93,7 @@ agreement {100*agree['top1']:.2f} %, largest probability difference {agree['max_
 
 ## How it was made
 `{make_command}` (≈ {rec['timings']['train_seconds']/60:.0f} min of training, {rec['precision']}, on {rec['env']['device']};
-recipe: {c['recipe']}{', head fitted on cached features' if c.get('cached_head') else ''}{', frozen BatchNorm statistics' if c.get('freeze_bn') else ''}, {c['epochs']} epochs, lr {c['lr']},
+recipe: {c['recipe']}{', head fitted on cached features' if c.get('cached_head') else ''}{', frozen BatchNorm statistics' if c.get('freeze_bn') else ''}{', cell-centred crop ' + str(c['cell_crop']) if c.get('cell_crop') else ''}{', ' + c['colour'] + ' colour normalisation (target in model.json)' if c.get('colour') else ''}, {c['epochs']} epochs, lr {c['lr']},
 lr_mult {c['lr_mult']}, batch {c['bs']}, torch {rec['env']['torch']}, timm {rec['env']['timm']}).
 
 ## Other labs (evaluation only)
@@ -102,8 +102,9 @@ lr_mult {c['lr_mult']}, batch {c['bs']}, torch {rec['env']['torch']}, timm {rec[
 ## Intended use and limits
 - Research and teaching: a second opinion on single-cell crops from a CellaVision-like analyser with MGG staining.
   Not a medical device; not validated for diagnosis.
-- One lab, one analyser, one stain. On other labs' images accuracy falls sharply (see the other-lab benchmark,
-  issue 13): use the OOD flag and abstention, and validate on your own labelled images first (`bloodcell evaluate`).
+- One lab, one analyser, one stain. On other labs' images accuracy falls (the table above, and
+  benchmarks/OTHERLAB.md): use the OOD flag and abstention, try `bloodcell adapt` on your lab's unlabelled images,
+  and validate on your own labelled images first (`bloodcell evaluate --data`).
 - Classes are the 8 PBC groups; immature granulocytes are one class, blasts and other cells outside PBC have none.
 """
 
