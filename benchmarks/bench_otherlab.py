@@ -191,6 +191,8 @@ def report(res, out):
               f"No adaptation: {mi['acc']['none']:.3f}.", '', '| images adapted on | accuracy (mean of 3 draws) | min | max |', '|---|---|---|---|']
         for k, a in mi['acc'].items():
             if k != 'none': L.append(f"| {k} | {a['mean']:.3f} | {a['min']:.3f} | {a['max']:.3f} |")
+    missing = [n for n in [*METHODS, 'ensemble'] if 'eval' not in rows.get(n, {})]
+    if missing: L += ['', f"Not yet measured (the run stopped for time; `bench_otherlab.py` trains only what is missing): {', '.join(missing)}."]
     L += ['', '## Methods', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLE)}"
                                    + (f" ({rows[n]['train_minutes']:.1f} min training)" if rows[n].get('train_minutes') else '') for n in rows]
     atomic_write(out/'OTHERLAB.md', '\n'.join(L) + '\n')
