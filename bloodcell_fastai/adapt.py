@@ -9,6 +9,7 @@ from warnings import warn
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
+from fastcore.meta import delegates
 from .data import load_split
 from .core import DataError, ConfigError, atomic_write, jsonable
 from .export import load_safe, save_safe, ModelMeta, _umask_mode
@@ -230,18 +231,16 @@ def adapt_to(run_dir:Path|str, # source run folder (with the safe export)
     m.bn_source = source
     return m, meta, info
 
+@delegates(adapt_to)
 def adapt_run(run_dir:Path|str, # source run folder (with the safe export)
               images, # the target lab's unlabelled images: a folder, a glob pattern or a file list
               out:Path|str, # new run folder to write
-              method:str='adabn', # 'adabn' or 'tent'
-              steps:int=1, # TENT passes
-              lr:float=1e-3, # TENT learning rate
-              bs:int=64, # images per batch
+              **kwargs, # how to adapt: `method`, `steps`, `lr`, `bs` of `adapt_to`
              )->Path:
     "Adapt a run's model to a lab's unlabelled images and write the result as a new run folder."
     run_dir, out = Path(run_dir), Path(out)
     if out.resolve() == run_dir.resolve(): raise ConfigError(f"--out {out} is the source run: write the adapted model to a new folder")
-    m, meta, info = adapt_to(run_dir, images, method, steps, lr, bs)
+    m, meta, info = adapt_to(run_dir, images, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     if (run_dir/'split.csv').exists(): shutil.copy2(run_dir/'split.csv', out/'split.csv')
     rec = json.loads((run_dir/'record.json').read_text()) if (run_dir/'record.json').exists() else {}
