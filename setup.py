@@ -1,6 +1,8 @@
 "nbdev 2's standard setup.py: everything it needs comes from settings.ini."
 from configparser import ConfigParser
-import setuptools, shlex
+from pathlib import Path
+import setuptools, shlex, shutil
+from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
@@ -29,7 +31,25 @@ lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = shlex.split(cfg.get('dev_requirements') or '')
 extras = {k[len('extra_'):]: shlex.split(v) for k,v in cfg.items() if k.startswith('extra_')}
 
+# What a wheel carries beside the code, so an installed package classifies and serves the app without a checkout:
+# the shipped model and the app notebook, copied to bloodcell_fastai/shipped/ (export.shipped_folder and
+# app.app_notebook look there first). MANIFEST.in puts the same files in the sdist.
+SHIPPED = {'models/pbc_lite0': 'models/pbc_lite0', 'nbs/app.ipynb': 'app.ipynb'}
+
+class BuildWithShipped(build_py):
+    def run(self):
+        super().run()
+        if self.editable_mode: return # an editable install reads them from the checkout
+        dest = Path(self.build_lib)/cfg['lib_path']/'shipped'
+        for src, to in SHIPPED.items():
+            src, to = Path(src), dest/to
+            if not src.exists(): raise SystemExit(f"{src} is missing: the wheel must carry it (run `make model`, or check out the full repository)")
+            to.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir(): shutil.copytree(src, to, dirs_exist_ok=True)
+            else: shutil.copy2(src, to)
+
 setuptools.setup(
+    cmdclass = {'build_py': BuildWithShipped},
     name = cfg['lib_name'],
     license = lic[0],
     classifiers = [

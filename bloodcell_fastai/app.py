@@ -14,9 +14,10 @@ __all__ = ['UPLOAD_FIX', 'app_notebook', 'voila_command', 'app_kernel_path', 'ap
 
 # %% ../nbs/08_app.ipynb #1ea70e65
 def app_notebook()->Path:
-    "The app notebook of a source checkout (`nbs/app.ipynb` next to the package)."
+    "The app notebook: inside an installed wheel, else `nbs/app.ipynb` of the source checkout."
     import bloodcell_fastai
-    return Path(bloodcell_fastai.__file__).resolve().parents[1]/'nbs'/'app.ipynb'
+    here = Path(bloodcell_fastai.__file__).resolve().parent
+    return next((p for p in (here/'shipped'/'app.ipynb', here.parent/'nbs'/'app.ipynb') if p.exists()), here.parent/'nbs'/'app.ipynb')
 
 # %% ../nbs/08_app.ipynb #5e3b86e4
 def voila_command(notebook:Path|str=None, # the app notebook; default `app_notebook()`

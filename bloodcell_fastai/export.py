@@ -339,8 +339,9 @@ def find_models(folder:Path|str=None, # folder holding run folders; default `mod
 
 # %% ../nbs/03_export.ipynb #c48f70cb
 def shipped_folder()->Path:
-    "Where the models that ship with the project live: `models/` of the source checkout, beside the package."
-    return Path(__file__).resolve().parents[1]/'models'
+    "Where the models that ship with the project live: inside an installed wheel, else `models/` of the source checkout."
+    here = Path(__file__).resolve().parent
+    return next((p for p in (here/'shipped'/'models', here.parent/'models') if p.is_dir()), here.parent/'models')
 
 # %% ../nbs/03_export.ipynb #dbcaffa2
 def list_models(*folders, # more folders holding run folders (e.g. the user's runs)

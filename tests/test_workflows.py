@@ -1,0 +1,45 @@
+"The GitHub workflows, the README and the notebooks' Colab cells say the same as the Makefile: one way to test, one install command."
+import json, re, configparser
+from pathlib import Path
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+def workflow(name): return yaml.safe_load((ROOT/'.github'/'workflows'/name).read_text())
+def runs(wf): return [s['run'] for job in wf['jobs'].values() for s in job['steps'] if 'run' in s]
+def make_prereqs(target):
+    m = re.search(rf'^{target}:(.*)$', (ROOT/'Makefile').read_text(), re.M)
+    assert m, f'Makefile has no {target} target'
+    return m.group(1).split()
+
+def test_test_workflow_runs_make_test_on_push_and_pull_request():
+    wf = workflow('test.yaml')
+    on = wf.get('on', wf.get(True)) # YAML 1.1 reads a bare `on` as True
+    assert {'push', 'pull_request'} <= set(on)
+    assert 'make test' in runs(wf)
+    assert {'sync-check', 'clean-check', 'layers-check', 'nbtest', 'pytest', 'docs-check'} <= set(make_prereqs('test'))
+
+def test_workflows_install_torch_from_the_cpu_index_only_through_the_makefile_pins():
+    for name in ('test.yaml', 'deploy.yaml'):
+        wf = workflow(name)
+        assert not any('pip install' in r for r in runs(wf)), f'{name} installs on its own instead of through make'
+        assert all(job['env']['PIP_EXTRA_INDEX_URL'].endswith('/whl/cpu') for job in wf['jobs'].values())
+    assert 'torch>=2.1,<=2.14.1' in (ROOT/'Makefile').read_text()
+
+def test_deploy_workflow_renders_with_nbdev_docs_and_publishes_the_doc_path():
+    wf = workflow('deploy.yaml')
+    assert 'make venv' in runs(wf) and '.venv/bin/nbdev_docs' in runs(wf)
+    steps = [s for s in wf['jobs']['deploy']['steps'] if 'quarto' in s.get('uses', '')]
+    assert steps, 'deploy.yaml does not install Quarto'
+    cfg = configparser.ConfigParser(); cfg.read(ROOT/'settings.ini')
+    pub = [s['with']['publish_dir'] for s in wf['jobs']['deploy']['steps'] if 'gh-pages' in s.get('uses', '')]
+    assert pub == ['./' + cfg['DEFAULT']['doc_path']]
+
+def test_colab_cells_install_what_the_readme_says():
+    cmd = re.search(r'^pip install (git\+\S+)$', (ROOT/'README.md').read_text(), re.M)
+    assert cmd, 'README gives no `pip install git+...` command'
+    missing = []
+    for nb in sorted((ROOT/'nbs').glob('[0-9]*.ipynb')):
+        code = [''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
+        cell = next((s for s in code if 'google.colab' in s), None)
+        if cell is None or f"'{cmd.group(1)}'" not in cell or code.index(cell) > 1: missing.append(nb.name)
+    assert not missing, f'no Colab install cell (first code cell after default_exp) with the README command in {missing}'
