@@ -10,7 +10,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['REFER', 'OOD_STATUS', 'NO_CELL_STATUS', 'ERROR_STATUS', 'BloodcellError', 'DataError', 'ModelFileError',
-           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir', 'cpu_bf16_supported', 'cpu_info']
+           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir', 'cpu_bf16_supported', 'cpu_info',
+           'progress_ok']
 
 # %% ../nbs/00_core.ipynb #e906fe96
 class BloodcellError(ValueError):
@@ -89,3 +90,12 @@ def cpu_info()->dict:
     name = next((l.split(':', 1)[1].strip() for l in txt.splitlines() if l.startswith('model name')), platform.processor() or platform.machine())
     flags = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in txt.split()]
     return dict(name=name, cores=os.cpu_count(), flags=flags)
+
+# %% ../nbs/00_core.ipynb #2d4d9d37
+def progress_ok(n:int, # how many items the loop goes over
+                min_n:int=200, # fewer finish in a few seconds: no bar
+               )->bool:
+    "Whether a loop over `n` items shows a progress bar: at a terminal or in a live notebook, over at least `min_n` items."
+    import sys
+    from fastcore.imports import in_notebook
+    return n >= min_n and (sys.stdout.isatty() or in_notebook())

@@ -16,7 +16,7 @@ from fastcore.parallel import parallel
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, Resize,
                                aug_transforms, Normalize, Saturation, Hue, imagenet_stats,
                                PILImage, defaults, set_seed)
-from .core import DataError, atomic_write, cache_dir, data_root
+from .core import DataError, atomic_write, cache_dir, data_root, progress_ok
 from .imaging import (load_rgb, is_hidden, image_files, presize_image, CELL_CROP_VERSION, colour_spec,
                                       cached_cell_box)
 
@@ -306,7 +306,7 @@ def audit(path:Path|str, # folder to audit (all files below it are examined)
     rel = lambda p: str(Path(p).relative_to(path))
     hidden = [f for f in files if is_hidden(f.relative_to(path))]
     n_workers = defaults.cpus if n_workers is None else n_workers
-    res = list(parallel(inspect_file, files, n_workers=n_workers, threadpool=True, progress=False))
+    res = list(parallel(inspect_file, files, n_workers=n_workers, threadpool=True, progress=progress_ok(len(files))))
     ok = [r for r in res if r['status']=='ok' and not is_hidden(Path(r['file']).relative_to(path))]
     by_md5 = defaultdict(list)
     for r in res:
@@ -345,7 +345,7 @@ def add_groups(df:pd.DataFrame, # items with a `file` column
               )->pd.DataFrame:
     "Add `md5` and a `group` column joining byte-identical files and, where known, files of one subject."
     df = df.copy()
-    if 'md5' not in df: df['md5'] = list(parallel(_md5, df.file, n_workers=defaults.cpus, threadpool=True, progress=False))
+    if 'md5' not in df: df['md5'] = list(parallel(_md5, df.file, n_workers=defaults.cpus, threadpool=True, progress=progress_ok(len(df))))
     # union-find over md5 and subject: an image belongs to the group of its subject and of its copies
     parent = {}
     def find(x):
@@ -466,7 +466,7 @@ def presize(df:pd.DataFrame, # items table with `file`
     dests = [str(cache/f"{_cache_key(f)}.png") for f in df.file]
     todo = [(f,d,item_size,crop_border,pad,cell_crop,colour) for f,d in zip(df.file,dests)]
     n_workers = defaults.cpus if n_workers is None else n_workers
-    errs = list(parallel(_presize_one, todo, n_workers=n_workers, threadpool=True, progress=False))
+    errs = list(parallel(_presize_one, todo, n_workers=n_workers, threadpool=True, progress=progress_ok(len(todo))))
     bad = [e for e in errs if e]
     df = df.assign(image=dests)
     if bad:

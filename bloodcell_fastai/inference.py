@@ -11,10 +11,11 @@ import numpy as np, pandas as pd, torch
 from PIL import Image
 from fastcore.all import *
 from fastcore.parallel import parallel
+from fastprogress.fastprogress import progress_bar
 from fastai.vision.all import (Datasets, TfmdDL, Resize, ToTensor, IntToFloatTensor, Pipeline, PILImage, TensorImage,
                                default_device, defaults)
 from fastai.vision.augment import AffineCoordTfm
-from .core import (BloodcellError, DataError, ConfigError, ModelFileError, cpu_bf16_supported, atomic_write, REFER, OOD_STATUS, NO_CELL_STATUS,
+from .core import (BloodcellError, DataError, ConfigError, ModelFileError, cpu_bf16_supported, atomic_write, progress_ok, REFER, OOD_STATUS, NO_CELL_STATUS,
                                    ERROR_STATUS)
 from .imaging import load_rgb, presize_image, is_hidden
 from .data import load_cell, cell_tfms, presize, load_split
@@ -324,7 +325,8 @@ def predict(run, # run folder, or a `(model, meta)` pair from `load_safe` / `loa
         warnings.warn(f"OOD score {ood['score']!r} needs the torch model's features: no OOD flag with {type(model).__name__}")
         ood = None
     classes, chunk, parts, errors = list(meta.classes), max(bs*4, 64), [], {}
-    for i in range(0, len(files), chunk):
+    starts = range(0, len(files), chunk)
+    for i in (progress_bar(starts, leave=False) if progress_ok(len(files)) else starts): # a hidden fastprogress bar still writes to stdout
         fs = files[i:i+chunk]
         ims, errs, found = read_cells(fs, meta, n_workers=n_workers)
         good = [j for j,im in enumerate(ims) if im is not None]

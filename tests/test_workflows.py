@@ -43,3 +43,19 @@ def test_colab_cells_install_what_the_readme_says():
         cell = next((s for s in code if 'google.colab' in s), None)
         if cell is None or f"'{cmd.group(1)}'" not in cell or code.index(cell) > 1: missing.append(nb.name)
     assert not missing, f'no Colab install cell (first code cell after default_exp) with the README command in {missing}'
+
+def test_binder_opens_the_app_with_the_shipped_model():
+    badge = re.search(r'mybinder\.org/v2/gh/\S+?\?urlpath=(\S+?)\)', (ROOT/'README.md').read_text())
+    assert badge and badge.group(1) == 'voila%2Frender%2Fnbs%2Fapp.ipynb' # no leading slash: Binder's voila/render takes a relative path
+    assert (ROOT/'nbs'/'app.ipynb').exists()
+    assert 'pip install --no-deps -e .' in (ROOT/'binder'/'postBuild').read_text()
+    reqs = dict(l.split('==') for l in (ROOT/'binder'/'requirements.txt').read_text().splitlines() if '==' in l)
+    assert reqs['torch'].split('+')[0] == '2.14.1' and reqs['fastai'].startswith('2.8.') and int(reqs['fastcore'].split('.')[0]) < 2
+    # Voila runs the notebook in its own folder: from there, with no $BLOODCELL_MODELS, the app's first model is the shipped one
+    import subprocess, sys, os
+    code = "from bloodcell_fastai.export import list_models, models_folder; m = list_models(models_folder()); print(m.source.iloc[0], m.path.iloc[0], m.error.iloc[0])"
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT/'nbs', capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != 'BLOODCELL_MODELS'})
+    assert r.returncode == 0, r.stderr[-1000:]
+    source, path, err = r.stdout.split()
+    assert source == 'shipped' and path.endswith('pbc_lite0') and err in ('nan', 'None'), r.stdout
