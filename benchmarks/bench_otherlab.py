@@ -25,7 +25,8 @@ from bloodcell_fastai.core import cpu_info, atomic_write, data_root
 from bloodcell_fastai.data import load_split, folder_items
 from bloodcell_fastai.metrics import evaluate_probs
 from bloodcell_fastai.export import load_safe, default_model
-from bloodcell_fastai.inference import predict, read_cells, predict_cells
+from bloodcell_fastai.inference import read_cells, predict_cells, decide
+from bloodcell_fastai.export import DEFAULT_THRESHOLD
 from bloodcell_fastai.train import train
 from bloodcell_fastai.adapt import adapt_model, run_source_stats, read_adapt_images, adabn, _equal_batches
 from bloodcell_fastai.shifts import make_shifts
@@ -81,7 +82,7 @@ def frame(model, meta, ims, tta):
     p, sc = out if meta.ood else (out, np.full(len(ims), np.nan))
     df = pd.DataFrame(p, columns=[f'prob_{c}' for c in classes])
     df['ood_score'], df['ood'] = sc, sc > (meta.ood or {}).get('threshold', np.inf)
-    df['status'] = np.where(p.max(1) < meta.threshold, 'refer', 'ok')
+    df['status'] = decide(p, classes, meta.threshold)['status'].values # predict's own rule and the run's threshold
     return df
 
 def evaluate(run, root, n_boot):
@@ -114,7 +115,7 @@ def ensemble(probs_by_run, classes, n_boot):
             df['ood'] = np.any([d.ood.values for d in dfs], 0) # flagged when any member flags it
             df['ood_score'] = np.mean([d.ood_score.rank(pct=True).values for d in dfs], 0)
             p = df[[f'prob_{c}' for c in classes]].values
-            df['status'] = np.where(p.max(1) < 0.5, 'refer', 'ok') # the default threshold
+            df['status'] = decide(p, classes, DEFAULT_THRESHOLD)['status'].values # members' thresholds do not carry over to their average
             items, kind = probs_by_run[ENSEMBLE[0]][v][name][1:]
             res[v][name] = score(df, items, classes, kind, n_boot)
     return res
@@ -156,7 +157,10 @@ def winner(rows, margin=0.01):
 def report(res, out):
     info, rows = res['info'], res['runs']
     L = ['# Other labs\' images: what transfers (benchmarks/bench_otherlab.py)', '',
-         f"Command: `{info['command']}`  ", f"CPU: {info['cpu']} ({info['cores']} cores; {', '.join(info['flags'])}); {info['date']}; torch {info['torch']}  ",
+         *(["Commands (one machine, the same split, seed and budget; each row comes from the invocation that last evaluated it):", '',
+            *[f"- `{c['command']}` ({c['date']}): {', '.join(c['runs'])}" for c in info['invocations']], '']
+           if info.get('invocations') else [f"Command: `{info['command']}`  "]),
+         f"CPU: {info['cpu']} ({info['cores']} cores; {', '.join(info['flags'])}); {info['date']}; torch {info['torch']}  ",
          f"Budget, the same for every method: {json.dumps(TRAIN)} (one seeded split of the PBC half: {info.get('n_test', '?')} test images). "
          'Other-lab figures: accuracy with the classes restricted to those the set has (95% bootstrap CI), macro-F1 restricted, '
          'unrestricted accuracy, the share flagged OOD. `adabn`/`tent` adapt on the evaluated set\'s own images without labels '
@@ -193,7 +197,7 @@ def report(res, out):
             if k != 'none': L.append(f"| {k} | {a['mean']:.3f} | {a['min']:.3f} | {a['max']:.3f} |")
     missing = [n for n in [*METHODS, 'ensemble'] if 'eval' not in rows.get(n, {})]
     if missing: L += ['', f"Not yet measured (the run stopped for time; `bench_otherlab.py` trains only what is missing): {', '.join(missing)}."]
-    L += ['', '## Methods', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLE)}"
+    L += ['', '## Methods', '', 'Training minutes are wall-clock on the 2 cores, some while another job shared them: they are not a speed comparison (benchmarks/TIME_TO_ACCURACY.md is).', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLE)}"
                                    + (f" ({rows[n]['train_minutes']:.1f} min training)" if rows[n].get('train_minutes') else '') for n in rows]
     atomic_write(out/'OTHERLAB.md', '\n'.join(L) + '\n')
 
@@ -210,8 +214,10 @@ def main():
     root = data_root()
     if root is None or not (root/'otherlab').exists(): sys.exit('set BLOODCELL_DATA to the data folder holding otherlab/, pbc/, cnmc/ and allidb2/')
     import torch
-    res['info'] = dict(command='BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py' + (f" --only {' '.join(a.only)}" if set(a.only) != set(METHODS) else ''),
+    res['info'] = dict(invocations=res.get('info', {}).get('invocations', []), command='BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py' + (f" --only {' '.join(a.only)}" if set(a.only) != set(METHODS) else ''),
                        **{k: v for k, v in cpu_info().items()}, cpu=cpu_info()['name'], date=time.strftime('%Y-%m-%d'), torch=torch.__version__)
+    inv = res['info'].setdefault('invocations', res.get('invocations', []))
+    inv.append(dict(command=res['info']['command'], date=res['info']['date'], runs=list(a.only)))
     probs_by_run = {}
     for name in a.only:
         run = runs/name
