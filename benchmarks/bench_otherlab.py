@@ -216,8 +216,7 @@ def main():
     import torch
     res['info'] = dict(invocations=res.get('info', {}).get('invocations', []), command='BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py' + (f" --only {' '.join(a.only)}" if set(a.only) != set(METHODS) else ''),
                        **{k: v for k, v in cpu_info().items()}, cpu=cpu_info()['name'], date=time.strftime('%Y-%m-%d'), torch=torch.__version__)
-    inv = res['info'].setdefault('invocations', res.get('invocations', []))
-    inv.append(dict(command=res['info']['command'], date=res['info']['date'], runs=list(a.only)))
+    res['info']['invocations'].append(dict(command=res['info']['command'], date=res['info']['date'], runs=list(a.only)))
     probs_by_run = {}
     for name in a.only:
         run = runs/name

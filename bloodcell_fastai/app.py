@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, os, sys, hashlib
 from pathlib import Path
-from .core import BloodcellError, DataError, atomic_write, cache_dir
+from .core import BloodcellError, DataError, atomic_write, cache_dir, shipped_path
 from .export import models_folder
 
 # %% auto #0
@@ -15,9 +15,7 @@ __all__ = ['UPLOAD_FIX', 'app_notebook', 'voila_command', 'app_kernel_path', 'ap
 # %% ../nbs/08_app.ipynb #1ea70e65
 def app_notebook()->Path:
     "The app notebook: inside an installed wheel, else `nbs/app.ipynb` of the source checkout."
-    import bloodcell_fastai
-    here = Path(bloodcell_fastai.__file__).resolve().parent
-    return next((p for p in (here/'shipped'/'app.ipynb', here.parent/'nbs'/'app.ipynb') if p.exists()), here.parent/'nbs'/'app.ipynb')
+    return shipped_path('app.ipynb', 'nbs/app.ipynb')
 
 # %% ../nbs/08_app.ipynb #5e3b86e4
 def voila_command(notebook:Path|str=None, # the app notebook; default `app_notebook()`

@@ -10,8 +10,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['REFER', 'OOD_STATUS', 'NO_CELL_STATUS', 'ERROR_STATUS', 'BloodcellError', 'DataError', 'ModelFileError',
-           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir', 'cpu_bf16_supported', 'cpu_info',
-           'progress_ok']
+           'ConfigError', 'atomic_write', 'jsonable', 'data_root', 'cache_dir', 'shipped_path', 'cpu_bf16_supported',
+           'cpu_info', 'progress_ok']
 
 # %% ../nbs/00_core.ipynb #e906fe96
 class BloodcellError(ValueError):
@@ -73,6 +73,15 @@ def cache_dir(*sub)->Path:
     p = Path(os.environ.get('BLOODCELL_CACHE', '~/.cache/bloodcell_fastai')).expanduser().joinpath(*sub)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+# %% ../nbs/00_core.ipynb #ad4cf566
+def shipped_path(in_wheel:str, # where it lies under `bloodcell_fastai/shipped/` of an installed wheel
+                 in_checkout:str, # where it lies in the source checkout, beside the package
+                )->Path:
+    "A file that ships with the project: the installed wheel's copy (setup.py puts it there), else the source checkout's."
+    here = Path(__file__).resolve().parent
+    p = here/'shipped'/in_wheel
+    return p if p.exists() else here.parent/in_checkout
 
 # %% ../nbs/00_core.ipynb #60a82e79
 def cpu_bf16_supported()->bool:

@@ -8,7 +8,7 @@ import json, math, os, warnings, tempfile, shutil
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from .core import DataError, ModelFileError, ConfigError, atomic_write
+from .core import DataError, ModelFileError, ConfigError, atomic_write, shipped_path
 from .models import create_model, get_arch
 from .data import load_items, load_split, presize_for
 
@@ -340,8 +340,7 @@ def find_models(folder:Path|str=None, # folder holding run folders; default `mod
 # %% ../nbs/03_export.ipynb #c48f70cb
 def shipped_folder()->Path:
     "Where the models that ship with the project live: inside an installed wheel, else `models/` of the source checkout."
-    here = Path(__file__).resolve().parent
-    return next((p for p in (here/'shipped'/'models', here.parent/'models') if p.is_dir()), here.parent/'models')
+    return shipped_path('models', 'models')
 
 # %% ../nbs/03_export.ipynb #dbcaffa2
 def list_models(*folders, # more folders holding run folders (e.g. the user's runs)

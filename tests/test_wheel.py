@@ -1,5 +1,5 @@
 "A release that installs: the wheel and sdist build, and the wheel, installed into a fresh venv away from the checkout, classifies with the shipped model and finds the app."
-import json, os, subprocess, sys, sysconfig, tarfile, zipfile
+import os, subprocess, sys, sysconfig, tarfile, zipfile
 from pathlib import Path
 import pytest
 
