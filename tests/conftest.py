@@ -1,4 +1,7 @@
-"Shared fixtures: real sample images from $BLOODCELL_DATA (../shared/data in CI), a private cache per session."
+"""Shared fixtures: sample images from $BLOODCELL_DATA (../shared/data in CI), a private cache per session.
+
+Without a data folder `make test` points $BLOODCELL_DATA at a synthetic sample (tools/make_sample.py, marked by its
+SAMPLE.md): the tests run on it, except those asking for `real_data_root`, which skip with the reason."""
 import os, shutil
 from pathlib import Path
 import pytest
@@ -35,6 +38,12 @@ def data_root():
     yield r
     if old is None: os.environ.pop('BLOODCELL_DATA', None)
     else: os.environ['BLOODCELL_DATA'] = old
+
+@pytest.fixture(scope='session')
+def real_data_root(data_root):
+    "The data folder, when it holds the real datasets (not the synthetic sample): for tests of real counts and files."
+    if (data_root/'SAMPLE.md').exists(): pytest.skip(f'needs the real data, not the synthetic sample in {data_root}: set BLOODCELL_DATA (see README)')
+    return data_root
 
 @pytest.fixture(scope='session')
 def pbc_root(data_root):

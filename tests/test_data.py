@@ -167,7 +167,7 @@ def test_bloodmnist_fixture(tmp_path, pbc_sample):
     assert split_items(df).split.tolist() == df.split.tolist()              # the official split is kept
     assert Image.open(df.file[0]).size == (28,28)
 
-def test_allidb2_real(data_root):
+def test_allidb2_real(real_data_root):
     df = load_items('allidb2')
     assert len(df) == 260 and df.label.value_counts().to_dict() == {'all':130, 'hem':130}
 
