@@ -307,6 +307,7 @@ def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
     import matplotlib.pyplot as plt
     out = Path(out); (out/'figures').mkdir(parents=True, exist_ok=True)
     p = get_dataset_path('pbc')
+    print(f"PBC from {p}" + (" (the synthetic test sample: its accuracy says nothing about real cells)" if (p.parent/'SAMPLE.md').exists() else ""))
     a = audit(class_root(p))
     print(audit_summary(a))
     atomic_write(out/'audit.json', json.dumps(a, indent=1)); print(f"wrote {out/'audit.json'}")

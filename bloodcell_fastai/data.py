@@ -94,7 +94,8 @@ def download_dataset(name:str, # registry key, e.g. 'pbc'
     url = info.url.format(suffix='' if size==28 else f'_{size}') if name=='bloodmnist' else info.url
     dest.mkdir(parents=True, exist_ok=True)
     arch = dest/(f'bloodmnist_{size}.npz' if name=='bloodmnist' else f'{name}.zip')
-    try: download_url(url, arch, show_progress=False)
+    print(f"downloading {name} from {url} into {dest}")
+    try: download_url(url, arch, show_progress=True)
     except Exception as e:
         arch.unlink(missing_ok=True)
         raise DataError(f"Could not download {name} from {url} ({type(e).__name__}: {e}). Download it yourself and "

@@ -1,14 +1,19 @@
 """Shared fixtures: sample images from $BLOODCELL_DATA (../shared/data in CI), a private cache per session.
 
-Without a data folder `make test` points $BLOODCELL_DATA at a synthetic sample (tools/make_sample.py, marked by its
-SAMPLE.md): the tests run on it, except those asking for `real_data_root`, which skip with the reason."""
-import os, shutil
+Without a data folder the tests draw a synthetic sample into .cache/sample_data (tools/make_sample.py, marked by its
+SAMPLE.md; `make test` does the same) and run on it, except those asking for `real_data_root`, which skip with the reason."""
+import os, runpy, shutil
 from pathlib import Path
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 def _data_root():
-    p = os.environ.get('BLOODCELL_DATA') or str(Path(__file__).resolve().parents[1].parent/'shared'/'data')
-    return Path(p) if Path(p, 'pbc').exists() else None
+    p = os.environ.get('BLOODCELL_DATA') or str(REPO.parent/'shared'/'data')
+    if Path(p, 'pbc').exists(): return Path(p)
+    sample = REPO/'.cache'/'sample_data'
+    if not (sample/'SAMPLE.md').exists(): runpy.run_path(str(REPO/'tools'/'make_sample.py'))['make_sample'](sample)
+    return sample
 
 @pytest.fixture(scope='session', autouse=True)
 def _private_cache(tmp_path_factory):
@@ -32,7 +37,6 @@ def offline_hub(monkeypatch, tmp_path):
 def data_root():
     "The sample data folder, exported as $BLOODCELL_DATA for the session (the previous value is restored at its end)."
     r = _data_root()
-    if r is None: pytest.skip('real sample data not found: set BLOODCELL_DATA (see README)')
     old = os.environ.get('BLOODCELL_DATA')
     os.environ['BLOODCELL_DATA'] = str(r)
     yield r

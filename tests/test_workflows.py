@@ -59,3 +59,22 @@ def test_binder_opens_the_app_with_the_shipped_model():
     assert r.returncode == 0, r.stderr[-1000:]
     source, path, err = r.stdout.split()
     assert source == 'shipped' and path.endswith('pbc_lite0') and err in ('nan', 'None'), r.stdout
+
+def test_make_test_draws_a_sample_when_there_is_no_data_folder(tmp_path):
+    "With $BLOODCELL_DATA empty (a fork's CI with no repository variable), the tests run on a drawn sample and say so."
+    import subprocess, os
+    env = {**os.environ, 'BLOODCELL_DATA': ''} # defined but empty: neither it nor ../shared/data is used
+    r = subprocess.run(['make', '-s', 'data-check', f'SAMPLE_DATA={tmp_path/"s"}'], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'using the synthetic sample' in r.stdout and 'tests that need the real data skip' in r.stdout
+    assert (tmp_path/'s'/'SAMPLE.md').exists() and {'pbc', 'cnmc', 'allidb2', 'otherlab'} <= {p.name for p in (tmp_path/'s').iterdir()}
+    r = subprocess.run(['make', '-s', 'data-check'], cwd=ROOT, env={**env, 'BLOODCELL_DATA': str(tmp_path/'nowhere')}, capture_output=True, text=True)
+    assert r.returncode == 2 and 'must hold pbc/, cnmc/ and allidb2/' in r.stdout, r.stdout + r.stderr
+
+def test_every_notebook_says_who_needs_it():
+    "The docs' pages open with what the notebook is for (its description) and who needs it."
+    missing = []
+    for nb in sorted((ROOT/'nbs').glob('[0-9]*.ipynb')):
+        md = next(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'markdown')
+        if not (md.startswith('# ') and '\n> ' in md and 'need it' in md): missing.append(nb.name)
+    assert not missing, f'title cell without a description or a "who needs it" sentence: {missing}'
