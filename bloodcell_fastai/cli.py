@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd, torch
 from fastcore.script import call_parse, anno_parser, store_true, Param
 import bloodcell_fastai
-from .core import BloodcellError, DataError, ERROR_STATUS, atomic_write
+from .core import BloodcellError, ConfigError, DataError, ERROR_STATUS, atomic_write
 from .data import (DATASETS, get_dataset_path, load_items, class_root, parent_label, audit, audit_summary,
                                    split_items, save_split, cell_dataloaders)
 from .metrics import metrics_table
@@ -61,12 +61,13 @@ OTHERLAB_DEFAULTS = dict(cell_crop=0.5, colour='reinhard') # `bloodcell train --
 def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv, model.safetensors, model.json, ...)
                     data:str=None, # labelled folder, one sub-folder per class; default PBC from $BLOODCELL_DATA, the cache, or a download
                     dataset:str=None, # how to read --data: folder (default with --data), pbc (default without), cnmc, allidb2, bloodmnist
-                    arch:str=None, # architecture (see `list_archs()`); default efficientnet_lite0 with --pretrained (its weights install with the project), else resnet18
+                    arch:str=None, # architecture (see `list_archs()`); default efficientnet_lite0 from ImageNet weights (they install with the project), resnet18 with --scratch
                     size:int=TRAIN_DEFAULTS['size'], # training image size
                     epochs:int=TRAIN_DEFAULTS['epochs'], # epochs (of the main stage; gradual: spread over the unfreezing steps)
                     bs:int=TRAIN_DEFAULTS['bs'], # batch size
                     lr:float=None, # learning rate; default from lr_find
-                    pretrained:store_true=False, # start from ImageNet weights (the hub, or an installed weight package offline)
+                    pretrained:store_true=False, # start --arch from ImageNet weights (the hub, or an installed weight package offline); implied when --arch is not given
+                    scratch:store_true=False, # start from random weights (resnet18 unless --arch), without the other-lab defaults
                     weights:str=None, # start from this local checkpoint (.pth/.safetensors) instead
                     plain_fine_tune:store_true=False, # with --pretrained: fastai's frozen-head epoch and training-mode BatchNorm, lr_mult 100, instead of the CPU recipe
                     recipe:str=None, # scratch, fine_tune, gradual or all_at_once (default: fine_tune with weights, else scratch)
@@ -92,6 +93,8 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
     "Train a model and write a run folder; prints where it wrote what."
     if not out: raise DataError("give the run folder to write: --out RUN_DIR")
     bal = int(balance) if balance and str(balance).isdigit() else balance
+    if scratch and (pretrained or weights): raise ConfigError("--scratch starts from random weights: drop --pretrained/--weights, or drop --scratch")
+    pretrained = pretrained or not (scratch or arch or weights) # bare `bloodcell train`: the winner of benchmarks/OTHERLAB.md
     arch = arch or ('efficientnet_lite0' if pretrained else TRAIN_DEFAULTS['arch'])
     if pretrained: # the other-lab winner of benchmarks/OTHERLAB.md, unless given
         cell_crop = OTHERLAB_DEFAULTS['cell_crop'] if cell_crop is None else cell_crop

@@ -276,8 +276,8 @@ def run_study(config, # config file, name in studies/, or dict
     splits = study_splits(cfg, out)
     prev = read_results(out); done = dict(zip(prev.run_id, prev.key))
     plan, failed = [], []
-    for r in study_runs(cfg):
-        if only and only not in r['run_id']: continue
+    runs = [r for r in study_runs(cfg) if not only or only in r['run_id']]
+    for k, r in enumerate(runs, 1):
         df, skey = splits[r['subset']]
         key, run_dir = run_key(r['train'], skey), out/'runs'/r['run_id']
         status = 'finished' if done.get(r['run_id'])==key else run_status(run_dir, df, **r['train'])
@@ -285,7 +285,7 @@ def run_study(config, # config file, name in studies/, or dict
         if action=='resume' and not resumable(run_dir): action = 'train'
         plan.append(dict(run_id=r['run_id'], action=action))
         if dry_run or action=='skip': continue
-        _log(f"{r['run_id']}: {action}", quiet)
+        _log(f"[{k}/{len(runs)}] {r['run_id']}: {action}", quiet) # the count is the study's progress; each run shows fastai's bars
         try:
             if action!='record': ensure_run(run_dir, df, **r['train'])
             row = dict(run_id=r['run_id'], subset=r['subset'], **run_summary(run_dir), key=key,
@@ -304,6 +304,7 @@ def run_study(config, # config file, name in studies/, or dict
         raise StudyError(f"{len(failed)} of {len(plan)} runs failed (first: {failed[0][0]}: {failed[0][1]}); "
                          f"see {out/'failures.json'} and run the study again to retry them")
     (out/'failures.json').unlink(missing_ok=True)
+    if not dry_run: _log(f"wrote {out/'results.csv'} ({(plan.action!='skip').sum()} run(s) trained or recorded, {(plan.action=='skip').sum()} already finished)", quiet)
     return plan
 
 # %% ../nbs/07d_study.ipynb #68e69968

@@ -101,12 +101,21 @@ def test_colour_bad_option():
 @pytest.mark.parametrize('args,want', [(['--pretrained'], (0.5, 'reinhard')),
                                        (['--pretrained', '--cell-crop', '0', '--colour', 'none'], (None, None)),
                                        (['--pretrained', '--colour', 'grey'], (0.5, 'grey')),
-                                       ([], (None, None))])
+                                       ([], (0.5, 'reinhard')),
+                                       (['--scratch'], (None, None)),
+                                       (['--arch', 'resnet18'], (None, None))])
 def test_train_cli_other_lab_defaults(monkeypatch, tmp_path, args, want):
-    "`bloodcell train --pretrained` frames the cell and normalises colour (benchmarks/OTHERLAB.md's winner); both can be turned off; scratch runs are unchanged."
+    "A bare `bloodcell train` (and any `--pretrained`) frames the cell and normalises colour (benchmarks/OTHERLAB.md's winner); both can be turned off; scratch runs are unchanged."
     import bloodcell_fastai.cli as cli
     seen = {}
     def fake_train(out, **kw): seen.update(kw); raise DataError('stop here')
     monkeypatch.setattr(cli, 'train', fake_train)
     with pytest.raises(SystemExit): cli.main(['train', '--out', str(tmp_path/'r'), *args])
     assert (seen['cell_crop'], seen['colour']) == want
+    pretrained = '--scratch' not in args and '--arch' not in args
+    assert (seen['pretrained'], seen['arch']) == (pretrained, 'efficientnet_lite0' if pretrained else 'resnet18')
+
+def test_train_cli_scratch_with_weights_is_refused(tmp_path, capsys):
+    from bloodcell_fastai.cli import main
+    with pytest.raises(SystemExit) as e: main(['train', '--out', str(tmp_path/'r'), '--scratch', '--pretrained'])
+    assert e.value.code != 0 and '--scratch starts from random weights' in capsys.readouterr().err

@@ -238,7 +238,7 @@ def test_gradual_schedule_exact():
 def test_train_cli_hyphenated_options(tree, tmp_path, capsys):
     from bloodcell_fastai.cli import main
     main(['train', '--out', str(tmp_path/'c'), '--data', str(tree), '--dataset', 'folder', '--size', '32', '--epochs', '1',
-          '--bs', '8', '--lr', '1e-3', '--label-smoothing', '0.1', '--precision', 'fp32'])
+          '--bs', '8', '--lr', '1e-3', '--label-smoothing', '0.1', '--precision', 'fp32', '--scratch'])
     out = capsys.readouterr().out
     assert 'test accuracy' in out and f"wrote {tmp_path/'c'/'model.safetensors'}" in out
     assert 'out-of-distribution flag: feature_stats score above' in out       # calibrated by default
@@ -283,7 +283,7 @@ def test_distributed_two_cpu_processes_gloo(tree, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([str(exe/'torchrun'), '--nproc_per_node', '2', '--standalone', '--no-python', str(exe/'bloodcell'),
                         'train', '--out', str(tmp_path/'d'), '--data', str(tree), '--dataset', 'folder', '--size', '32',
-                        '--epochs', '2', '--bs', '8', '--lr', '1e-3', '--precision', 'fp32'],
+                        '--epochs', '2', '--bs', '8', '--lr', '1e-3', '--precision', 'fp32', '--scratch'],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path/'d'/'checkpoints'/f'rank{i}.json').read_text()) for i in (0, 1)]
