@@ -95,7 +95,7 @@ def download_dataset(name:str, # registry key, e.g. 'pbc'
     dest.mkdir(parents=True, exist_ok=True)
     arch = dest/(f'bloodmnist_{size}.npz' if name=='bloodmnist' else f'{name}.zip')
     print(f"downloading {name} from {url} into {dest}")
-    try: download_url(url, arch, show_progress=True)
+    try: download_url(url, arch, show_progress=progress_ok(1, min_n=1)) # a bar at a terminal or in a notebook, none in logs
     except Exception as e:
         arch.unlink(missing_ok=True)
         raise DataError(f"Could not download {name} from {url} ({type(e).__name__}: {e}). Download it yourself and "
@@ -388,22 +388,28 @@ def split_items(df:pd.DataFrame, # items table
 STUDY_SIZES = dict(large=1.0, medium=0.5, small=0.2, tiny=0.05)
 
 def study_subsets(df:pd.DataFrame, # items table
-                  sizes:dict=None, # name -> fraction of the data; default `STUDY_SIZES`
+                  sizes:dict=None, # name -> fraction of the data (or, with `nest='train'`, of the training split, or a number of training images)
                   ratios:tuple=(5,2,3), # train:valid:test
                   seed:int=42, # random seed
+                  nest:str='data', # 'data': each subset is split by `ratios`; 'train': one split, the subsets nest in its train part and share valid and test
                  )->dict:
     "Nested, stratified, group-aware subsets, each split train:valid:test by `ratios`."
     sizes = sizes or STUDY_SIZES
+    if nest not in ('data', 'train'): raise DataError(f"nest={nest!r}: choose 'data' or 'train'")
     df = add_groups(df) if 'group' not in df else df
-    g = df.groupby('group').label.agg(lambda s: s.mode().iloc[0]).reset_index()
+    tot = sum(ratios)
+    split = lambda d: split_items(d.drop(columns=['split'], errors='ignore'), valid_pct=ratios[1]/tot, test_pct=ratios[2]/tot, seed=seed, keep_official=False)
+    full = split(df) if nest=='train' else None
+    pool = full[full.split=='train'] if nest=='train' else df
+    g = pool.groupby('group').label.agg(lambda s: s.mode().iloc[0]).reset_index()
     # one seeded, stratified ordering of the groups; a subset takes a prefix of each class's order, so subsets nest
     order = g.sample(frac=1, random_state=seed).assign(rank=lambda x: x.groupby('label').cumcount()/x.groupby('label').label.transform('size'))
-    tot = sum(ratios)
     out = {}
-    for name,frac in sizes.items():
-        keep = order[order['rank']<frac]
-        sub = df[df.group.isin(keep.group)].drop(columns=['split'], errors='ignore')
-        out[name] = split_items(sub, valid_pct=ratios[1]/tot, test_pct=ratios[2]/tot, seed=seed, keep_official=False)
+    for name,n in sizes.items():
+        frac = n/len(pool) if n > 1 else n
+        if frac > 1: raise DataError(f"subset {name!r} asks for {n} training images; the training split holds {len(pool)}: use a smaller size or more data")
+        sub = pool[pool.group.isin(order[order['rank']<frac].group)]
+        out[name] = split(sub) if nest=='data' else pd.concat([sub, full[full.split!='train']])
     return out
 
 # %% ../nbs/02_data.ipynb #96bc5b57

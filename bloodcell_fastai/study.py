@@ -116,8 +116,8 @@ def ensure_run(run_dir:Path|str, # run folder
 
 # %% ../nbs/07d_study.ipynb #087d121c
 STUDY_DEFAULTS = dict(name=None, description='', out=None, dataset='pbc', data=None, labels='folder', sample=None,
-                      sizes=None, ratios=[5,2,3], seed=42, archs=None, pretrained=[False, True], train={},
-                      pretrained_train={}, arch_train={}, prune_checkpoints=True)
+                      sizes=None, ratios=[5,2,3], nest='data', seed=42, archs=None, pretrained=[False, True], train={},
+                      pretrained_train={}, pretrained_sizes=None, arch_train={}, prune_checkpoints=True)
 REPO_RAW = 'https://raw.githubusercontent.com/bloodcell-fastai/bloodcell_fastai/main'
 
 class StudyError(ConfigError):
@@ -139,7 +139,9 @@ def load_study_config(config, # a JSON file, a dict, or the name of a file in `s
     cfg['name'] = cfg['name'] or (src.stem if src else 'study')
     cfg['sizes'] = dict(cfg['sizes'] or STUDY_SIZES)
     if not cfg['archs']: raise StudyError(f"{src or 'the config'} lists no architectures: add \"archs\": [\"resnet18\", ...]")
-    if any(not 0 < f <= 1 for f in cfg['sizes'].values()): raise StudyError(f"sizes are fractions of the data in (0, 1], got {cfg['sizes']}")
+    if cfg['nest'] not in ('data', 'train'): raise StudyError(f"nest={cfg['nest']!r}: 'data' (each subset split by ratios) or 'train' (subsets of one training split)")
+    if any(not (0 < f <= 1 or float(f).is_integer() and f > 1) for f in cfg['sizes'].values()):
+        raise StudyError(f"sizes are fractions in (0, 1] or numbers of images, got {cfg['sizes']}")
     if len(cfg['ratios'])!=3 or min(cfg['ratios'])<=0: raise StudyError(f"ratios are train:valid:test, three positive numbers, got {cfg['ratios']}")
     cfg['pretrained'] = [bool(p) for p in cfg['pretrained']]
     for a in cfg['archs']:
@@ -187,7 +189,7 @@ def study_runs(cfg:dict, # a config from `load_study_config`
     for subset in sorted(cfg['sizes'], key=lambda k: cfg['sizes'][k]):
         for arch in cfg['archs']:
             for pre in cfg['pretrained']:
-                if pre and is_baseline(arch): continue
+                if pre and (is_baseline(arch) or cfg['pretrained_sizes'] is not None and subset not in cfg['pretrained_sizes']): continue # e.g. Foix Romero: probes on tiny only
                 t = dict(dataset=cfg['dataset'], data=cfg['data'], labels=cfg['labels'], seed=cfg['seed'], **cfg['train'])
                 if pre: t.update(cfg['pretrained_train'])
                 t.update(cfg['arch_train'].get(arch, {}))
@@ -208,7 +210,8 @@ def study_splits(cfg:dict, # a config from `load_study_config`
                  out:Path|str, # the study's folder
                 )->dict:
     "Draw the study's subsets, write `splits/<subset>.csv` when changed; {subset: (split table, key)}."
-    subs = study_subsets(study_items(cfg), sizes=cfg['sizes'], ratios=tuple(cfg['ratios']), seed=cfg['seed'])
+    try: subs = study_subsets(study_items(cfg), sizes=cfg['sizes'], ratios=tuple(cfg['ratios']), seed=cfg['seed'], nest=cfg['nest'])
+    except DataError as e: raise StudyError(str(e)) from None
     res = {}
     for name, df in subs.items():
         fn, key = Path(out)/'splits'/f'{name}.csv', split_key(df)
@@ -235,7 +238,7 @@ def run_summary(run_dir:Path|str, # a finished run folder
     if not rec or rec.get('status')!='done': raise StudyError(f"{run_dir} holds no finished run (record.json status {rec and rec.get('status')})")
     c, t = rec['config'], rec['final_metrics']['test']
     row = dict(arch=c['arch'], family=get_arch(c['arch']).family, pretrained=bool(c['pretrained'] or c.get('weights')), recipe=c['recipe'],
-               size=c['size'], epochs=c['epochs'], **{f'n_{s}':rec['n_images'][s] for s in ('train','valid','test')})
+               size=c['size'], epochs=c['epochs'], epochs_run=len(rec.get('history') or []), **{f'n_{s}':rec['n_images'][s] for s in ('train','valid','test')})
     for m in ('accuracy','balanced_accuracy','f1_macro','cohen_kappa'):
         row[m], row[f'{m}_low'], row[f'{m}_high'] = t[m]['value'], t[m]['ci_low'], t[m]['ci_high']
     row.update({f'map@{k}':v for k,v in t.get('map_at', {}).items()})

@@ -11,7 +11,7 @@ import numpy as np, pandas as pd, torch
 from sklearn.linear_model import LogisticRegression
 from fastcore.all import *
 from fastai.vision.all import (Learner, Callback, MixUp, CutMix, CrossEntropyLossFlat,
-                               LabelSmoothingCrossEntropyFlat, SaveModelCallback, EarlyStoppingCallback,
+                               LabelSmoothingCrossEntropyFlat, SaveModelCallback, EarlyStoppingCallback, ReduceLROnPlateau, Adam, SGD, RMSProp,
                                accuracy, error_rate, BalancedAccuracy, CohenKappa, valley, set_seed)
 from fastai.distributed import DistributedDL, DistributedTrainer, rank_distrib, num_distrib
 from fastai.callback.progress import ProgressCallback
@@ -26,24 +26,27 @@ from .calibrate import calibrate_ood
 from .evaluate import evaluate_split
 
 # %% auto #0
-__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'PRETRAINED_DEFAULTS', 'TINY', 'train_config', 'resolve_precision',
-           'run_precision', 'CPUAutocast', 'precision_callbacks', 'gradual_schedule', 'recipe_stages', 'RunCheckpoint',
-           'History', 'load_checkpoint_state', 'run_items', 'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr',
-           'fit_head_cached', 'run_stages', 'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed',
-           'is_rank0', 'env_info', 'model_meta', 'train', 'tiny_run']
+__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'OPTIMIZERS', 'SCHEDULES', 'PRETRAINED_DEFAULTS', 'TINY', 'train_config',
+           'resolve_precision', 'run_precision', 'CPUAutocast', 'precision_callbacks', 'gradual_schedule',
+           'recipe_stages', 'RunCheckpoint', 'History', 'load_checkpoint_state', 'run_items', 'run_dataloaders',
+           'FreezeBN', 'run_learner', 'find_lr', 'fit_head_cached', 'run_stages', 'DeviceDistributedDL',
+           'DeviceDistributedTrainer', 'distributed', 'is_rank0', 'env_info', 'model_meta', 'train', 'tiny_run']
 
 # %% ../nbs/06_train.ipynb #abaec403
-TFM_OPTIONS = ('min_scale', 'max_rotate', 'max_lighting', 'max_hue') # options of `cell_tfms` a run sets
+TFM_OPTIONS = ('aug', 'min_scale', 'max_rotate', 'max_lighting', 'max_hue') # options of `cell_tfms` a run sets (aug=False: none, as in Foix Romero 2022)
 TRAIN_DEFAULTS = dict(
     dataset=None, data=None, labels='folder', sample=None, seed=42, valid_pct=0.2, test_pct=0.2,
     arch='resnet18', pretrained=False, weights=None, size=128, bs=64, epochs=5, lr=None, recipe=None, freeze_epochs=1, cached_head=False, freeze_bn=False,
     lr_mult=100, gradual_steps=None, mixup=0., cutmix=0., label_smoothing=0., wd=None,
     precision='auto', channels_last=True, balance=None, crop_border=False, pad=False,
-    monitor='valid_loss', patience=None, save_best=False, export_pickle=False, num_workers=None,
+    monitor='valid_loss', patience=None, min_delta=0., save_best=False, export_pickle=False, num_workers=None,
+    opt='adam', mom=None, schedule='one_cycle', plateau_patience=10, plateau_factor=0.1, plateau_min_delta=0.,
     **{k: inspect.signature(cell_tfms).parameters[k].default for k in TFM_OPTIONS},
     cell_crop=None, colour=None, robust_aug=False, ood_score='feature_stats', ood_pct=95.)
 
 RECIPES = ('scratch', 'fine_tune', 'gradual', 'all_at_once')
+OPTIMIZERS = ('adam', 'sgd', 'rmsprop') # fastai's Adam (its default), SGD and RMSProp; `mom` sets SGD's momentum (default 0, as published)
+SCHEDULES = ('one_cycle', 'constant', 'plateau') # fastai's one-cycle policy; a constant lr; constant with ReduceLROnPlateau
 # `pretrained=True`: the recipe that won benchmarks/TIME_TO_ACCURACY.md on CPUs (options given explicitly win)
 PRETRAINED_DEFAULTS = dict(cached_head=True, freeze_bn=True, lr_mult=10)
 
@@ -60,6 +63,8 @@ def train_config(**kwargs)->dict:
     if cfg['recipe'] is None: cfg['recipe'] = 'fine_tune' if cfg['pretrained'] or cfg['weights'] else 'scratch'
     if cfg['recipe'] not in RECIPES: raise ConfigError(f"recipe={cfg['recipe']!r}: choose one of {', '.join(RECIPES)}")
     if cfg['mixup'] and cfg['cutmix']: raise ConfigError("Choose MixUp or CutMix, not both")
+    if cfg['opt'] not in OPTIMIZERS: raise ConfigError(f"opt={cfg['opt']!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg['schedule'] not in SCHEDULES: raise ConfigError(f"schedule={cfg['schedule']!r}: choose one of {', '.join(SCHEDULES)}")
     if cfg['ood_score'] is not None: check_score(cfg['ood_score'])
     if cfg['labels'] != 'folder' and cfg['dataset'] != 'pbc':
         raise ConfigError(f"labels={cfg['labels']!r} reads PBC's file-name prefixes: give dataset='pbc' (--dataset pbc) with --data, or labels='folder'")
@@ -167,7 +172,7 @@ class RunCheckpoint(Callback):
 
 # %% ../nbs/06_train.ipynb #4c59fbcf
 class History(Callback):
-    "Collect one row per epoch: stage, epoch, losses, metrics and time."
+    "Collect one row per epoch: stage, epoch, losses, metrics, the learning rate at the epoch's end (the schedule) and time."
     order = 60
     def __init__(self,
                  rows:list, # list the rows are appended to
@@ -179,7 +184,7 @@ class History(Callback):
         names = [str(n) for n in self.recorder.metric_names[1:-1]]
         vals = self.recorder.log[1:-1]
         self.rows.append(dict(stage=self.stage, epoch=self.epoch, **{n:(float(v) if v is not None else None) for n,v in zip(names,vals)},
-                              train_batches=self.n, seconds=round(time.time()-self.t0, 2)))
+                              lr=float(self.opt.hypers[-1]['lr']), train_batches=self.n, seconds=round(time.time()-self.t0, 2)))
     def before_epoch(self): self.t0,self.skipped,self.n = time.time(),False,0
     def after_batch(self):
         if self.training: self.n += 1
@@ -214,7 +219,7 @@ def run_dataloaders(df:pd.DataFrame, # split items
     colour = colour_for(df, cfg['colour'], item_size, cfg['crop_border'], cfg['pad'], cfg['cell_crop'], seed=cfg['seed'])
     return cell_dataloaders(df, size=cfg['size'], bs=cfg['bs'], crop_border=cfg['crop_border'], pad=cfg['pad'],
                             balance=cfg['balance'], seed=cfg['seed'], num_workers=cfg['num_workers'], stats=stats,
-                            min_scale=cfg['min_scale'], max_rotate=cfg['max_rotate'], max_lighting=cfg['max_lighting'],
+                            aug=cfg['aug'], min_scale=cfg['min_scale'], max_rotate=cfg['max_rotate'], max_lighting=cfg['max_lighting'],
                             max_hue=cfg['max_hue'], cell_crop=cfg['cell_crop'], colour=colour,
                             **robust_dl_kwargs(df, cfg['cell_crop'], cfg['robust_aug']))
 
@@ -238,8 +243,9 @@ def run_learner(dls, # the run's DataLoaders
     if cfg['cutmix']: cbs.append(CutMix(cfg['cutmix']))
     if cfg['freeze_bn']: cbs.append(FreezeBN())
     cbs += precision_callbacks(run_precision(cfg), cfg['channels_last'], get_arch(cfg['arch']).is_cnn)
+    opt_func = dict(adam=Adam, sgd=partial(SGD, mom=cfg['mom'] or 0.), rmsprop=partial(RMSProp, mom=cfg['mom'] or 0.))[cfg['opt']]
     learn = bloodcell_learner(dls, cfg['arch'], pretrained=cfg['weights'] or bool(cfg['pretrained']), img_size=cfg['size'], loss_func=loss,
-                              metrics=[accuracy, BalancedAccuracy(), CohenKappa(), error_rate], cbs=cbs, wd=cfg['wd'])
+                              metrics=[accuracy, BalancedAccuracy(), CohenKappa(), error_rate], cbs=cbs, wd=cfg['wd'], opt_func=opt_func)
     return learn
 
 # %% ../nbs/06_train.ipynb #224de687
@@ -307,10 +313,13 @@ def run_stages(learn, # the run's learner
         else: learn.freeze_to(s['freeze_to'])
         lr_s = slice(*s['lr']) if isinstance(s['lr'], (tuple,list)) else s['lr']
         cbs = [RunCheckpoint(run_dir, i, rows), History(rows, s['name'])]
-        if cfg['patience']: cbs.append(EarlyStoppingCallback(monitor=cfg['monitor'], patience=cfg['patience']))
+        if cfg['patience']: cbs.append(EarlyStoppingCallback(monitor=cfg['monitor'], min_delta=cfg['min_delta'], patience=cfg['patience']))
+        if cfg['schedule']=='plateau': cbs.append(ReduceLROnPlateau(monitor=cfg['monitor'], patience=cfg['plateau_patience'],
+                                                                 factor=1/cfg['plateau_factor'], min_delta=cfg['plateau_min_delta']))
         if cfg['save_best']: cbs.append(SaveModelCallback(monitor=cfg['monitor'], fname=f'best_stage{i}'))
         t0 = time.time()
-        with distributed(learn): learn.fit_one_cycle(s['epochs'], lr_s, cbs=cbs, start_epoch=start, reset_opt=(start==0))
+        fit = learn.fit_one_cycle if cfg['schedule']=='one_cycle' else learn.fit # 'constant' and 'plateau' keep the lr flat (plateau: until it stalls)
+        with distributed(learn): fit(s['epochs'], lr_s, cbs=cbs, start_epoch=start, reset_opt=(start==0))
         secs.append(round(time.time()-t0, 1))
         prog = None
     return stages, rows, secs

@@ -134,3 +134,25 @@ def test_run_key_ignores_options_left_at_their_default():
     from bloodcell_fastai.train import TRAIN_DEFAULTS
     assert run_key(dict(arch='lenet5', size=32), 'k') == run_key(dict(arch='lenet5', size=32, weights=TRAIN_DEFAULTS['weights']), 'k')
     assert run_key(dict(arch='lenet5', size=32), 'k') != run_key(dict(arch='lenet5', size=48), 'k')
+
+
+def test_foix_romero_config_is_the_published_protocol():
+    "Nested training sets of the published sizes in one split, SGD without momentum, plateau schedule, early stopping, probes on tiny only."
+    cfg = load_study_config(STUDIES/'foix_romero_2022.json')
+    assert cfg['nest'] == 'train' and cfg['sizes'] == dict(large=8544, medium=4250, small=2100, tiny=200) and cfg['ratios'] == [5, 2, 3]
+    runs = study_runs(cfg)
+    assert {r['subset'] for r in runs if r['pretrained']} == {'tiny'}
+    t = next(r for r in runs if r['arch'] == 'resnet18' and not r['pretrained'])['train']
+    assert (t['opt'], t['lr'], t['schedule'], t['colour'], t['aug'], t['bs']) == ('sgd', 0.1, 'plateau', 'grey', False, 64)
+    probe = next(r for r in runs if r['pretrained'])['train']
+    assert probe['cached_head'] and probe['epochs'] == 0                  # only the new last layer
+    for name in ('foix_romero_2022_cpu', 'foix_romero_2022_probe_cpu'): assert study_runs(load_study_config(STUDIES/f'{name}.json'))
+
+def test_train_nested_subsets_share_valid_and_test(tmp_path, data_root):
+    cfg = load_study_config(mini_config(sample=12, sizes=dict(all=1.0, few=16), nest='train'))
+    splits = S.study_splits(cfg, tmp_path)
+    (a, _), (f, _) = splits['all'], splits['few']
+    for s in ('valid', 'test'): assert set(a.file[a.split == s]) == set(f.file[f.split == s])
+    assert set(f.file[f.split == 'train']) < set(a.file[a.split == 'train']) and abs((f.split == 'train').sum() - 16) <= 8
+    with pytest.raises(StudyError, match='the training split holds'): S.study_splits(load_study_config(mini_config(sizes=dict(huge=5000), nest='train')), tmp_path/'h')
+    with pytest.raises(StudyError, match="nest='sideways'"): load_study_config(mini_config(nest='sideways'))

@@ -292,3 +292,27 @@ def test_distributed_two_cpu_processes_gloo(tree, tmp_path):
     rec = json.loads((tmp_path/'d'/'record.json').read_text())
     assert rec['status'] == 'done' and rec['world_size'] == 2
     assert r.stdout.count('test accuracy') == 1                         # only rank 0 reports
+
+
+def test_published_protocol_sgd_plateau_early_stopping(tree, tmp_path):
+    "SGD without momentum at a flat lr, ReduceLROnPlateau and early stopping with a min delta (Foix Romero 2022's protocol)."
+    # a gain of 100 in valid_loss never comes: after the first epoch every epoch is a plateau
+    cfg = train_config(**{**FOLDER_RUN, 'data': str(tree), 'arch': 'lenet5', 'epochs': 6, 'lr': 0.1, 'opt': 'sgd', 'schedule': 'plateau',
+                          'plateau_patience': 1, 'plateau_min_delta': 100., 'patience': 2, 'min_delta': 100.})
+    learn = run_learner(run_dataloaders(run_items(cfg), cfg), cfg)
+    assert learn.opt_func.func.__name__ == 'SGD' and learn.opt_func.keywords == {'mom': 0.}
+    _, rows, _ = run_stages(learn, cfg, tmp_path)
+    lrs = [r['lr'] for r in rows]
+    assert len(rows) == 3                                                   # stopped early: epoch 0 best, two epochs without the gain
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] < lrs[0] and lrs == sorted(lrs, reverse=True), lrs # cut by 10 on each plateau
+    assert all(h['mom'] == 0 for h in learn.opt.hypers)
+
+def test_constant_schedule_keeps_the_lr_flat(tree, tmp_path):
+    cfg = train_config(**{**FOLDER_RUN, 'data': str(tree), 'arch': 'lenet5', 'epochs': 3, 'lr': 0.01, 'opt': 'rmsprop', 'schedule': 'constant'})
+    learn = run_learner(run_dataloaders(run_items(cfg), cfg), cfg)
+    _, rows, _ = run_stages(learn, cfg, tmp_path)
+    assert [r['lr'] for r in rows] == pytest.approx([0.01]*3) and learn.opt_func.func.__name__ == 'RMSProp'
+
+@pytest.mark.parametrize('bad,msg', [(dict(opt='lbfgs'), 'choose one of adam, sgd, rmsprop'), (dict(schedule='cosine'), 'choose one of one_cycle, constant, plateau')])
+def test_protocol_options_checked(bad, msg):
+    with pytest.raises(ConfigError, match=msg): train_config(**bad)
