@@ -19,8 +19,8 @@ from .adapt import adapt_to, adapt_run, ADAPT_METHODS, MIN_ADAPT
 from .evaluate import evaluate_run
 from .train import train, TRAIN_DEFAULTS, is_rank0
 from .interpret import interpret_run
-from .ensemble import ensemble_runs, ensemble_table
-from .study import load_study_config, run_study, study_results, study_table, study_report
+from .ensemble import ensemble_runs, ensemble_table, GA_PUBLISHED
+from .study import load_study_config, run_study, study_results, study_table, study_report, export_results
 from .app import voila_command, app_env
 
 # %% auto #0
@@ -82,7 +82,7 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                     crop_border:store_true=False, # crop black borders (C-NMC)
                     pad:store_true=False, # pad to a square before resizing
                     cell_crop:float=None, # crop around the nucleated cell at this cell-to-frame ratio (--pretrained default 0.5; 0: no crop)
-                    colour:str=None, # normalise colour toward the training lab: reinhard (--pretrained default), grey, or none
+                    colour:str=None, # normalise colour toward the training lab: reinhard (--pretrained default), grey, clahe, or none
                     robust_aug:store_true=False, # other-lab augmentation: scale, HED stain jitter, blur, JPEG, downscale
                     ood_score:str=TRAIN_DEFAULTS['ood_score'], # out-of-distribution score calibrated on valid: feature_stats, cosine, mahalanobis, energy or msp
                     no_ood:store_true=False, # calibrate no out-of-distribution flag
@@ -231,12 +231,14 @@ def bloodcell_ensemble(run_dirs:Param("member run folders, trained on the same s
                        population:int=20, # GA: solutions per generation
                        generations:int=30, # GA: generations
                        seed:int=42, # GA: random seed
+                       ga_published:store_true=False, # GA: the published C-NMC settings (`ensemble.GA_PUBLISHED`: 100 x 50 generations, 8 restarts)
                        out:str='ensemble', # ensemble folder to write
                        n_boot:int=1000, # bootstrap resamples for the 95% CIs
                        bs:int=64, # batch size
                       ):
     "Combine run folders: weights by grid or GA search on validation, members and ensemble reported on test."
-    kw = dict(grid=dict(step=step), ga=dict(population=population, generations=generations, seed=seed)).get(search, {})
+    ga = dict(GA_PUBLISHED, seed=seed) if ga_published else dict(population=population, generations=generations, seed=seed)
+    kw = dict(grid=dict(step=step), ga=ga).get(search, {})
     ens = ensemble_runs(run_dirs, out, data, dataset, search, fitness, n_boot, bs, **kw)
     tab = ensemble_table(json.loads((Path(out)/'metrics.json').read_text()))
     print(f"{search} weights ({ens.fitness} {ens.score:.4f} on validation): " + ', '.join(f"{n} {w:.2f}" for n, w in zip(run_names(run_dirs), ens.weights)))
@@ -252,6 +254,7 @@ def bloodcell_study(config:str, # study config: a JSON file, or the name of one 
                     out:str=None, # the study's folder; default the config's `out`, else runs/<name>
                     only:str=None, # run only the runs whose id contains this text (e.g. tiny/ or resnet18)
                     dry_run:store_true=False, # list the runs and what would happen to each; train nothing
+                    export:str=None, # also copy results, epoch histories and test probabilities here (e.g. studies/results/NAME) for the docs
                    ):
     "Run an architecture x training-set-size study from a config file; finished runs are skipped, results accumulate."
     cfg = load_study_config(config, out=out)
@@ -262,7 +265,7 @@ def bloodcell_study(config:str, # study config: a JSON file, or the name of one 
         print(plan.to_string(index=False)); return plan
     res = study_results(cfg, out)
     if len(res): print(study_table(res, 'accuracy').round(4).to_string())
-    for f in [out/'results.csv', *study_report(cfg, out)]: print(f"wrote {f}")
+    for f in [out/'results.csv', *study_report(cfg, out), *(export_results(cfg, export, out) if export else [])]: print(f"wrote {f}")
     return plan
 
 # %% ../nbs/09_cli.ipynb #fe32dee7

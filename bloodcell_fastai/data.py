@@ -21,12 +21,12 @@ from .imaging import (load_rgb, is_hidden, image_files, presize_image, CELL_CROP
                                       cached_cell_box)
 
 # %% auto #0
-__all__ = ['PBC_URL', 'BLOODMNIST_URL', 'DATASETS', 'PBC_PREFIXES', 'CNMC_RE', 'BLOODMNIST_CLASSES', 'STUDY_SIZES', 'SPLIT_COLS',
-           'DIHEDRAL', 'DatasetInfo', 'download_dataset', 'get_dataset_path', 'class_root', 'folder_items',
-           'pbc_prefix', 'pbc_items', 'cnmc_subject', 'cnmc_items', 'allidb2_items', 'bloodmnist_items', 'dataset_for',
-           'load_items', 'inspect_file', 'parent_label', 'audit', 'audit_summary', 'add_groups', 'split_items',
-           'study_subsets', 'save_split', 'load_split', 'presize', 'colour_for', 'balance_items', 'load_cell',
-           'split_column', 'cell_tfms', 'cell_block', 'presize_for', 'cell_dataloaders', 'heldout_dl']
+__all__ = ['PBC_URL', 'BLOODMNIST_URL', 'DATASETS', 'PBC_PREFIXES', 'CNMC_RE', 'BLOODMNIST_CLASSES', 'SPLIT_BY', 'STUDY_SIZES',
+           'NESTS', 'SPLIT_COLS', 'DIHEDRAL', 'DatasetInfo', 'download_dataset', 'get_dataset_path', 'class_root',
+           'folder_items', 'pbc_prefix', 'pbc_items', 'cnmc_subject', 'cnmc_items', 'allidb2_items', 'bloodmnist_items',
+           'dataset_for', 'load_items', 'inspect_file', 'parent_label', 'audit', 'audit_summary', 'add_groups',
+           'split_items', 'study_subsets', 'save_split', 'load_split', 'presize', 'colour_for', 'balance_items',
+           'load_cell', 'split_column', 'cell_tfms', 'cell_block', 'presize_for', 'cell_dataloaders', 'heldout_dl']
 
 # %% ../nbs/02_data.ipynb #4726029e
 @dataclass
@@ -368,15 +368,20 @@ def _split_groups(g:pd.DataFrame, frac:float, seed:int):
     _,pick = train_test_split(g.group.values, test_size=frac, random_state=seed, stratify=strat)
     return set(pick)
 
+SPLIT_BY = ('subject', 'image') # keep each subject (and identical copies) in one split, or only identical copies (the published C-NMC random split)
+
 def split_items(df:pd.DataFrame, # items table
                 valid_pct:float=0.2, # fraction of images for validation
                 test_pct:float=0.2, # fraction of images held out for testing
                 seed:int=42, # random seed
                 keep_official:bool=True, # keep a dataset's own `split` column (BloodMNIST) when present
+                by:str='subject', # 'subject': no subject spans two splits; 'image': a random image split (copies still kept together)
                )->pd.DataFrame:
     "Seeded, stratified train/valid/test split in which no group (subject, identical copies) spans two splits."
+    if by not in SPLIT_BY: raise DataError(f"by={by!r}: choose one of {', '.join(SPLIT_BY)}")
     if keep_official and 'split' in df and df.split.notna().all(): return df.copy()
-    df = add_groups(df) if 'group' not in df else df.copy()
+    if by=='image': df = add_groups(df.drop(columns=['group'], errors='ignore'), subject_col=None)
+    else: df = add_groups(df) if 'group' not in df else df.copy()
     g = df.groupby('group').label.agg(lambda s: s.mode().iloc[0]).reset_index()
     test = _split_groups(g, test_pct, seed)
     rest = g[~g.group.isin(test)]
@@ -386,19 +391,23 @@ def split_items(df:pd.DataFrame, # items table
 
 # %% ../nbs/02_data.ipynb #e9cd85ce
 STUDY_SIZES = dict(large=1.0, medium=0.5, small=0.2, tiny=0.05)
+NESTS = ('data', 'train') # how study subsets nest: each split by the ratios, or all within one training split
 
 def study_subsets(df:pd.DataFrame, # items table
                   sizes:dict=None, # name -> fraction of the data (or, with `nest='train'`, of the training split, or a number of training images)
                   ratios:tuple=(5,2,3), # train:valid:test
                   seed:int=42, # random seed
                   nest:str='data', # 'data': each subset is split by `ratios`; 'train': one split, the subsets nest in its train part and share valid and test
+                  by:str='subject', # `split_items`' grouping: 'subject' or 'image'
                  )->dict:
     "Nested, stratified, group-aware subsets, each split train:valid:test by `ratios`."
     sizes = sizes or STUDY_SIZES
-    if nest not in ('data', 'train'): raise DataError(f"nest={nest!r}: choose 'data' or 'train'")
-    df = add_groups(df) if 'group' not in df else df
+    if nest not in NESTS: raise DataError(f"nest={nest!r}: choose one of {', '.join(NESTS)}")
+    if by not in SPLIT_BY: raise DataError(f"by={by!r}: choose one of {', '.join(SPLIT_BY)}")
+    if by=='image': df = add_groups(df.drop(columns=['group'], errors='ignore'), subject_col=None)
+    elif 'group' not in df: df = add_groups(df)
     tot = sum(ratios)
-    split = lambda d: split_items(d.drop(columns=['split'], errors='ignore'), valid_pct=ratios[1]/tot, test_pct=ratios[2]/tot, seed=seed, keep_official=False)
+    split = lambda d: split_items(d.drop(columns=['split'], errors='ignore'), valid_pct=ratios[1]/tot, test_pct=ratios[2]/tot, seed=seed, keep_official=False, by=by)
     full = split(df) if nest=='train' else None
     pool = full[full.split=='train'] if nest=='train' else df
     g = pool.groupby('group').label.agg(lambda s: s.mode().iloc[0]).reset_index()
@@ -436,11 +445,11 @@ def load_split(fn:Path, # a split CSV written by `save_split`
 
 # %% ../nbs/02_data.ipynb #399355cd
 def _presize_one(args):
-    fn, dest, item_size, crop, pad, cell, colour = args
+    fn, dest, item_size, crop, pad, cell, colour, centre = args
     if Path(dest).exists(): return None
     try: im = load_rgb(fn)
     except DataError as e: return str(e)
-    im, box = presize_image(im, item_size, crop, pad, cell, colour)
+    im, box = presize_image(im, item_size, crop, pad, cell, colour, centre)
     info = None
     if cell: info = PngInfo(); info.add_text('cell_box', json.dumps(box)) # read back by `imaging.cached_cell_box`
     tmp = Path(dest).with_suffix(f'.tmp{os.getpid()}.png')
@@ -460,18 +469,19 @@ def presize(df:pd.DataFrame, # items table with `file`
             pad:bool=False, # pad to a square before resizing (keeps the cell's aspect ratio)
             cell_crop:float=None, # crop a square around the nucleated cell at this cell-to-frame ratio (`imaging.crop_to_cell`)
             colour:dict=None, # a colour normalisation (`imaging.colour_spec`), or None
+            centre_crop:int=None, # keep the central square of this side (pixels of the original) first
             cache:Path=None, # cache folder; default `cache_dir('presize')`
             on_error:str='raise', # 'raise' (one error listing every bad file) or 'drop' (warn and drop them)
             n_workers:int=None, # processes; default all cores
            )->pd.DataFrame:
     "Decode every image once and cache a resized square copy; adds an `image` column pointing at the copies."
-    key = f"{item_size}{'_crop' if crop_border else ''}{'_pad' if pad else ''}"
+    key = f"{item_size}{f'_centre{centre_crop}' if centre_crop else ''}{'_crop' if crop_border else ''}{'_pad' if pad else ''}"
     if cell_crop: key += f"_cell{cell_crop:g}_v{CELL_CROP_VERSION}"
     if colour: key += f"_{colour['method']}{hashlib.md5(json.dumps(colour, sort_keys=True).encode()).hexdigest()[:8]}"
     cache = Path(cache or cache_dir('presize'))/key
     cache.mkdir(parents=True, exist_ok=True)
     dests = [str(cache/f"{_cache_key(f)}.png") for f in df.file]
-    todo = [(f,d,item_size,crop_border,pad,cell_crop,colour) for f,d in zip(df.file,dests)]
+    todo = [(f,d,item_size,crop_border,pad,cell_crop,colour,centre_crop) for f,d in zip(df.file,dests)]
     n_workers = defaults.cpus if n_workers is None else n_workers
     errs = list(parallel(_presize_one, todo, n_workers=n_workers, threadpool=True, progress=progress_ok(len(todo))))
     bad = [e for e in errs if e]
@@ -486,11 +496,12 @@ def presize(df:pd.DataFrame, # items table with `file`
 
 # %% ../nbs/02_data.ipynb #6f45490c
 def colour_for(df:pd.DataFrame, # items with `file` (and `split`: only train rows are used)
-               method:str=None, # None, 'reinhard' or 'grey'
+               method:str=None, # None, 'reinhard', 'grey' or 'clahe'
                item_size:int=256, # presize side
                crop_border:bool=False, # as in `presize`
                pad:bool=False, # as in `presize`
                cell_crop:float=None, # as in `presize`
+               centre_crop:int=None, # as in `presize`
                n:int=200, # training images the Reinhard target is averaged over
                seed:int=0, # which ones
               )->dict|None:
@@ -499,7 +510,7 @@ def colour_for(df:pd.DataFrame, # items with `file` (and `split`: only train row
     tr = df[df.split=='train'] if 'split' in df else df
     files = tr.file.sample(min(n, len(tr)), random_state=seed) if len(tr) else []
     def _one(f):
-        try: return presize_image(load_rgb(f), item_size, crop_border, pad, cell_crop)[0]
+        try: return presize_image(load_rgb(f), item_size, crop_border, pad, cell_crop, centre_crop=centre_crop)[0]
         except DataError: return None # an unreadable file is `presize`'s to report
     ims = parallel(_one, list(files), n_workers=defaults.cpus, threadpool=True, progress=False)
     return colour_spec(method, [im for im in ims if im is not None])
@@ -590,14 +601,15 @@ def cell_dataloaders(df:pd.DataFrame, # items with `split` (train/valid/test)
                      vocab:list=None, # class names in model order
                      cell_crop:float=None, # cell-centred crop at this cell-to-frame ratio (`imaging.crop_to_cell`)
                      colour:dict=None, # a colour normalisation of every image (`imaging.colour_spec`), or None
+                     centre_crop:int=None, # keep the central square of this side of every original image first
                      item_tfms:list=None, # extra item transforms (e.g. the other-lab augmentation of `augment.robust_dl_kwargs`)
                      extra_batch_tfms:list=None, # extra batch transforms
                      **kwargs):
     "Train/valid `DataLoaders` from a split items table; the table, with its test rows, is kept as `dls.items_df`."
     if 'split' not in df: raise DataError("The items table has no 'split' column: call split_items first")
     item_size = item_size or presize_for(size)
-    if use_cache or crop_border or pad or cell_crop or colour:
-        df = presize(df, item_size, crop_border=crop_border, pad=pad, cell_crop=cell_crop, colour=colour)
+    if use_cache or crop_border or pad or cell_crop or colour or centre_crop:
+        df = presize(df, item_size, crop_border=crop_border, pad=pad, cell_crop=cell_crop, colour=colour, centre_crop=centre_crop)
     if isinstance(balance, int) and not isinstance(balance, bool): df = balance_items(df, balance, seed)
     elif balance not in (None, 'weighted', False): raise DataError(f"balance={balance!r}: use None, 'weighted' or a number of images per class")
     trval = df[df.split.isin(['train','valid'])].reset_index(drop=True)

@@ -17,10 +17,11 @@ from .export import load_safe, read_meta, labelled_items, same_split, run_names,
 from .inference import prepare_items, predict_probs
 
 # %% auto #0
-__all__ = ['SEARCHES', 'ENSEMBLE_FORMAT', 'stack_probs', 'normalise_weights', 'average_probs', 'Fitness', 'get_fitness',
-           'score_weights', 'simplex_grid', 'SearchResult', 'grid_search_weights', 'ga_search_weights',
-           'average_weights', 'Ensemble', 'search_weights', 'plot_grid_scores', 'member_classes', 'members_probs',
-           'ensemble_data', 'save_ensemble', 'load_ensemble', 'predict_ensemble', 'ensemble_table', 'ensemble_runs']
+__all__ = ['GA_CROSSOVERS', 'GA_PUBLISHED', 'GA_PUBLISHED_TOURNAMENT', 'SEARCHES', 'ENSEMBLE_FORMAT', 'stack_probs',
+           'normalise_weights', 'average_probs', 'Fitness', 'get_fitness', 'score_weights', 'simplex_grid',
+           'SearchResult', 'grid_search_weights', 'ga_search_weights', 'average_weights', 'Ensemble', 'search_weights',
+           'plot_grid_scores', 'member_classes', 'members_probs', 'ensemble_data', 'save_ensemble', 'load_ensemble',
+           'predict_ensemble', 'ensemble_table', 'ensemble_runs']
 
 # %% ../nbs/07b_ensemble.ipynb #c1242f8c
 def stack_probs(prob_list:list, # m arrays of shape (n, c), one per member, same images and classes in the same order
@@ -137,7 +138,7 @@ class SearchResult(NamedTuple):
     "Outcome of a weight search."
     weights: np.ndarray # (m,) best weights, summing to 1
     score: float # fitness of those weights
-    table: pd.DataFrame # grid: every point evaluated and its score; GA: best score per generation
+    table: pd.DataFrame # grid: every point evaluated and its score; GA: best score per generation (and restart)
 
 # %% ../nbs/07b_ensemble.ipynb #105c7eab
 def _pick_best(W, scores, tol=1e-12):
@@ -163,6 +164,32 @@ def grid_search_weights(prob_list:list, # m arrays of shape (n, c): the members'
     table = pd.DataFrame(W, columns=_names(names, len(P))).assign(score=scores)
     return SearchResult(W[best], float(scores[best]), table)
 
+# %% ../nbs/07b_ensemble.ipynb #9baff716
+def _average_crossover(parents, offspring_size, ga):
+    "PyGAD crossover: child k is the mean of parents k and k+1 (the 'average crossover' of Baldi & Cioffo)."
+    return np.stack([parents[[k % len(parents), (k+1) % len(parents)]].mean(0) for k in range(offspring_size[0])])
+
+GA_CROSSOVERS = dict(uniform='uniform', average=_average_crossover)
+
+def _ga_run(P, t, fit, population, generations, crossover, mutation, seed, selection, crossover_type):
+    "One seeded PyGAD run: `(weights, score, history)`."
+    import pygad
+    m = len(P)
+    init = np.random.default_rng(seed).dirichlet(np.ones(m), population)
+    init[0] = 1 / m
+    ga = pygad.GA(num_generations=generations, num_parents_mating=max(2, population // 2), sol_per_pop=population,
+                  num_genes=m, initial_population=init, gene_space=dict(low=0.0, high=1.0), gene_type=float,
+                  fitness_func=lambda ga, sols, idx: score_weights(P, t, np.atleast_2d(sols), fit).tolist(),
+                  fitness_batch_size=population, parent_selection_type=selection, keep_elitism=1,
+                  crossover_type=GA_CROSSOVERS[crossover_type], crossover_probability=crossover, mutation_type='random',
+                  mutation_probability=mutation, mutation_by_replacement=True, random_seed=seed,
+                  suppress_warnings=True)
+    ga.run()
+    sol, _, _ = ga.best_solution(ga.last_generation_fitness)
+    w = normalise_weights(sol)
+    history = pd.DataFrame(dict(generation=np.arange(len(ga.best_solutions_fitness)), best_score=ga.best_solutions_fitness))
+    return w, float(score_weights(P, t, w[None], fit)[0]), history
+
 # %% ../nbs/07b_ensemble.ipynb #8800be34
 def ga_search_weights(prob_list:list, # m arrays of shape (n, c): the members' validation probabilities
                       targets, # (n,) validation labels: integer class indices (or names, with `classes`)
@@ -170,29 +197,26 @@ def ga_search_weights(prob_list:list, # m arrays of shape (n, c): the members' v
                       classes:list=None, # class names, for named targets and class fitnesses
                       population:int=20, # solutions per generation
                       generations:int=30, # number of generations
-                      crossover:float=0.8, # probability that a parent takes part in (uniform) crossover
+                      crossover:float=0.8, # probability that a parent takes part in crossover
                       mutation:float=0.2, # probability that a gene is replaced by a random value
                       seed:int=42, # seed of PyGAD's generators and of the initial population
+                      restarts:int=1, # independent runs (seeds seed, seed+1, ...); the best one is kept
+                      selection:str='sss', # PyGAD's parent selection: 'sss' (steady state) or 'tournament'
+                      crossover_type:str='uniform', # 'uniform' (PyGAD's), or 'average': each child is the mean of two parents
                      ) -> SearchResult:
     "Genetic-algorithm search (PyGAD) of the weights, normalised to sum to 1; seeded and reproducible."
-    import pygad
     P, t = stack_probs(prob_list), _as_targets(targets, classes)
     fit, m = get_fitness(fitness, classes), len(P)
     if m == 1: return SearchResult(np.ones(1), fit(P[0], t), pd.DataFrame(dict(generation=[0], best_score=[fit(P[0], t)])))
-    init = np.random.default_rng(seed).dirichlet(np.ones(m), population)
-    init[0] = 1 / m
-    ga = pygad.GA(num_generations=generations, num_parents_mating=max(2, population // 2), sol_per_pop=population,
-                  num_genes=m, initial_population=init, gene_space=dict(low=0.0, high=1.0), gene_type=float,
-                  fitness_func=lambda ga, sols, idx: score_weights(P, t, np.atleast_2d(sols), fit).tolist(),
-                  fitness_batch_size=population, parent_selection_type='sss', keep_elitism=1,
-                  crossover_type='uniform', crossover_probability=crossover, mutation_type='random',
-                  mutation_probability=mutation, mutation_by_replacement=True, random_seed=seed,
-                  suppress_warnings=True)
-    ga.run()
-    sol, score, _ = ga.best_solution(ga.last_generation_fitness)
-    w = normalise_weights(sol)
-    history = pd.DataFrame(dict(generation=np.arange(len(ga.best_solutions_fitness)), best_score=ga.best_solutions_fitness))
-    return SearchResult(w, float(score_weights(P, t, w[None], fit)[0]), history)
+    if crossover_type not in GA_CROSSOVERS: raise ConfigError(f"crossover_type={crossover_type!r}: choose one of {', '.join(GA_CROSSOVERS)}")
+    runs = [_ga_run(P, t, fit, population, generations, crossover, mutation, seed+r, selection, crossover_type) for r in range(max(1, int(restarts)))]
+    w, score, _ = max(runs, key=lambda o: o[1]) # the first of the best, so one restart = the plain search
+    history = pd.concat([h.assign(restart=r) for r, (_, _, h) in enumerate(runs)], ignore_index=True)
+    return SearchResult(w, score, history)
+
+# %% ../nbs/07b_ensemble.ipynb #11407850
+GA_PUBLISHED = dict(population=100, generations=50, restarts=8, crossover=0.5, mutation=0.01) # Baldi & Cioffo's GA (4 genes summing to 1)
+GA_PUBLISHED_TOURNAMENT = dict(GA_PUBLISHED, selection='tournament', crossover_type='average') # their second variant
 
 # %% ../nbs/07b_ensemble.ipynb #efe55d52
 def average_weights(prob_list:list, # m arrays of shape (n, c)
@@ -384,7 +408,7 @@ def ensemble_table(metrics:dict, # as written by `ensemble_runs`
     rows = {}
     for name, rep in {**metrics['members'], 'ensemble': metrics['ensemble']}.items():
         row = {'weight': metrics['weights'].get(name, 1.0), f"valid {metrics['fitness']}": metrics['valid_fitness'][name]}
-        for m in ('accuracy', 'balanced_accuracy', 'f1_macro', 'cohen_kappa', 'ece'):
+        for m in ('accuracy', 'balanced_accuracy', 'f1_macro', 'f1_weighted', 'cohen_kappa', 'ece'): # weighted F1: the C-NMC challenge's metric
             row[m], row[f'{m}_low'], row[f'{m}_high'] = rep[m]['value'], rep[m]['ci_low'], rep[m]['ci_high']
         rows[name] = row
     return pd.DataFrame(rows).T.rename_axis('model')

@@ -36,7 +36,7 @@ class ModelMeta:
     threshold:float=DEFAULT_THRESHOLD # abstention threshold
     label_scheme:str='folder' # how the training labels were read (PBC: folder or prefix)
     dataset:str=None # the training dataset
-    preprocess:dict=field(default_factory=dict) # crop_border, pad, cell_crop: {ratio}, colour: `imaging.colour_spec`
+    preprocess:dict=field(default_factory=dict) # centre_crop, crop_border, pad, cell_crop: {ratio}, colour: `imaging.colour_spec`
     ood:dict=None # the out-of-distribution score, threshold and statistics (`calibrate.calibrate_ood`)
     calibration:dict=None # how the temperature was fitted
     weights:dict=None # where the starting weights came from
@@ -48,6 +48,8 @@ class ModelMeta:
         if self.presize is None: self.presize = presize_for(self.size)
     @property
     def item_size(self)->int: return int(self.presize)
+    @property
+    def centre_crop(self)->int|None: return int(self.preprocess.get('centre_crop') or 0) or None
     @property
     def crop_border(self)->bool: return bool(self.preprocess.get('crop_border'))
     @property
@@ -112,7 +114,7 @@ def update_meta(run_dir:Path, # run folder
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ConfigError(f"temperature must be a positive number, got {t!r}: a temperature divides the logits")
     for k,v in changes.items():
-        if not hasattr(meta, k) or k in ('item_size', 'crop_border', 'pad', 'cell_crop', 'colour', 'extra'): raise AttributeError(f"ModelMeta has no field {k!r}")
+        if not hasattr(meta, k) or k in ('item_size', 'centre_crop', 'crop_border', 'pad', 'cell_crop', 'colour', 'extra'): raise AttributeError(f"ModelMeta has no field {k!r}")
         setattr(meta, k, v)
     write_meta(run_dir, meta)
     return meta

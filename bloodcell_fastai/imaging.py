@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage as ndi
-from skimage.color import rgb2hed, rgb2lab, lab2rgb
+from skimage.color import rgb2hed, rgb2lab, lab2rgb, rgb2yuv, yuv2rgb
+from skimage.exposure import equalize_adapthist
 from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components, regionprops
 from skimage.morphology import disk
@@ -21,7 +22,7 @@ from .core import DataError, ConfigError
 __all__ = ['MAX_PIXELS', 'IMAGE_EXTS', 'CELL_RATIO', 'COLOUR_METHODS', 'LUMA', 'CELL_CROP_VERSION', 'load_rgb', 'to_rgb',
            'is_hidden', 'image_files', 'crop_black_border', 'pad_square', 'stain_mask', 'square_around',
            'border_colour', 'crop_padded', 'find_cell', 'crop_to_cell', 'show_cell_crops', 'lab_stats', 'reinhard',
-           'greyscale', 'colour_spec', 'normalise_colour', 'presize_image', 'cached_cell_box']
+           'greyscale', 'clahe', 'colour_spec', 'normalise_colour', 'presize_image', 'cached_cell_box']
 
 # %% ../nbs/01b_imaging.ipynb #d53291ca
 MAX_PIXELS = 8000*8000 # larger than any single-cell image; a bigger file is a whole slide or a decompression bomb
@@ -230,7 +231,7 @@ def show_cell_crops(files:list, # image files
     return fig
 
 # %% ../nbs/01b_imaging.ipynb #8065c6bf
-COLOUR_METHODS = ('reinhard', 'grey')
+COLOUR_METHODS = ('reinhard', 'grey', 'clahe')
 LUMA = (0.2989, 0.587, 0.114) # the luminance weights of the greyscale PBC study (Foix Romero 2022)
 
 def lab_stats(im:Image.Image, # RGB image
@@ -257,14 +258,24 @@ def greyscale(im:Image.Image, # RGB image
     y = np.asarray(im, dtype=np.float32) @ np.asarray(LUMA, np.float32)
     return Image.fromarray(np.clip(y.round(), 0, 255).astype(np.uint8)).convert('RGB')
 
+# %% ../nbs/01b_imaging.ipynb #acbed881
+def clahe(im:Image.Image, # RGB image
+          clip_limit:float=0.01, # scikit-image's contrast limit (0-1): higher gives more contrast
+         )->Image.Image:
+    "Contrast-limited adaptive histogram equalisation of the luma only (Y of YUV), colour kept (Baldi & Cioffo's C-NMC input)."
+    yuv = rgb2yuv(np.asarray(im, dtype=np.float32)/255)
+    yuv[..., 0] = equalize_adapthist(np.clip(yuv[..., 0], 0, 1), clip_limit=clip_limit)
+    return Image.fromarray((np.clip(yuv2rgb(yuv), 0, 1)*255).round().astype(np.uint8))
+
 # %% ../nbs/01b_imaging.ipynb #94c94b11
-def colour_spec(method:str=None, # None, 'reinhard' or 'grey'
+def colour_spec(method:str=None, # None, 'reinhard', 'grey' or 'clahe'
                 images=(), # RGB images of the training lab (Reinhard's target is the mean of their statistics)
                )->dict|None:
     "What `model.json` stores of a colour normalisation: the method and, for Reinhard, the target statistics."
     if method is None: return None
     if method not in COLOUR_METHODS: raise ConfigError(f"colour={method!r}: choose one of {', '.join(COLOUR_METHODS)}, or none")
     if method == 'grey': return {'method': 'grey'}
+    if method == 'clahe': return {'method': 'clahe', 'clip_limit': 0.01}
     st = [lab_stats(im) for im in images]
     if not st: raise ConfigError("Reinhard normalisation takes its target from the training images, and none were given")
     return {'method': 'reinhard', 'mean': np.mean([m for m,_ in st], 0).astype(float).round(3).tolist(),
@@ -277,6 +288,7 @@ def normalise_colour(im:Image.Image, # RGB image
     "Apply a stored colour normalisation to one image."
     if not colour: return im
     if colour.get('method') == 'grey': return greyscale(im)
+    if colour.get('method') == 'clahe': return clahe(im, colour.get('clip_limit', 0.01))
     if colour.get('method') == 'reinhard': return reinhard(im, colour['mean'], colour['std'])
     raise ConfigError(f"colour normalisation {colour.get('method')!r} is unknown to this version (it knows {', '.join(COLOUR_METHODS)}): upgrade bloodcell_fastai")
 
@@ -286,10 +298,14 @@ def presize_image(im:Image.Image, # a decoded RGB image
                   crop_border:bool=False, # crop black borders first (C-NMC)
                   pad:bool=False, # pad to a square before resizing
                   cell_crop:float=None, # crop a square around the nucleated cell at this cell-to-frame ratio
-                  colour:dict=None, # a `colour_spec` applied to the square (Reinhard or greyscale), or None
+                  colour:dict=None, # a `colour_spec` applied to the square (Reinhard, greyscale or CLAHE), or None
+                  centre_crop:int=None, # first keep the central square of this side in pixels (Foix Romero: 352 of PBC's 360x363)
                  )->tuple:
     "`(square, cell_box)`: the presize steps on one image; `cell_box` is `None` without a cell crop or when no cell is found."
     box = None
+    if centre_crop: # no resampling: the central `centre_crop` pixels of each side (all of a shorter side)
+        w, h = im.size; cw, ch = min(centre_crop, w), min(centre_crop, h)
+        im = im.crop(((w-cw)//2, (h-ch)//2, (w-cw)//2+cw, (h-ch)//2+ch))
     if crop_border: im = crop_black_border(im)
     if cell_crop: im, box = crop_to_cell(im, cell_crop)
     if pad: im = pad_square(im)

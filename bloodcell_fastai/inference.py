@@ -49,8 +49,9 @@ def prepare_items(df:pd.DataFrame, # items with `file`
                   meta:ModelMeta, # the model's meta (item_size, preprocess)
                   on_error='raise', # 'raise' or 'drop' unreadable images (see `presize`)
                  )->pd.DataFrame:
-    "Preprocess and presize items the way the model was trained (border crop, cell crop, square padding, presize side, colour)."
-    return presize(df, meta.item_size, crop_border=meta.crop_border, pad=meta.pad, cell_crop=meta.cell_crop, colour=meta.colour, on_error=on_error)
+    "Preprocess and presize items the way the model was trained (centre crop, border crop, cell crop, square padding, presize side, colour)."
+    return presize(df, meta.item_size, crop_border=meta.crop_border, pad=meta.pad, cell_crop=meta.cell_crop, colour=meta.colour,
+                   centre_crop=meta.centre_crop, on_error=on_error)
 
 # %% ../nbs/04_inference.ipynb #83c7655c
 def image_paths(images, # an image file, a folder (all visible files below it), a glob pattern, or a list of files
@@ -78,7 +79,7 @@ def read_cell_found(fn:Path, # image file
         raise DataError(file=fn, problem='is a broken symbolic link (its target is missing, or it points back to itself)', fix='fix or remove the link')
     if not fn.exists(): raise DataError(file=fn, problem='does not exist', fix='check the path')
     if fn.is_dir(): raise DataError(file=fn, problem='is a folder, not an image file', fix='give the folder itself as IMAGES')
-    im, box = presize_image(load_rgb(fn), meta.item_size, meta.crop_border, meta.pad, meta.cell_crop, meta.colour) # exactly the presize steps
+    im, box = presize_image(load_rgb(fn), meta.item_size, meta.crop_border, meta.pad, meta.cell_crop, meta.colour, meta.centre_crop) # exactly the presize steps
     return PILImage(im), (box is not None if meta.cell_crop else None)
 
 # %% ../nbs/04_inference.ipynb #78d09487

@@ -12,8 +12,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kapp
 # %% auto #0
 __all__ = ['METRICS', 'match_classes', 'restrict_probs', 'encode_targets', 'roc_auc_present', 'expected_calibration_error',
            'reliability_table', 'plot_reliability', 'average_precision_at_n', 'mean_average_precision_at_n',
-           'bootstrap_counts', 'batched_confusion', 'confusion_scores', 'batched_roc_auc', 'batched_ece',
-           'bootstrap_metrics', 'point_metrics', 'evaluate_probs', 'metrics_table', 'simulate_probs']
+           'mean_precision_at_n', 'bootstrap_counts', 'batched_confusion', 'confusion_scores', 'batched_roc_auc',
+           'batched_ece', 'bootstrap_metrics', 'point_metrics', 'evaluate_probs', 'metrics_table', 'simulate_probs']
 
 # %% ../nbs/00b_metrics.ipynb #1bdced66
 def _norm(name) -> str: return str(name).strip().casefold()
@@ -147,6 +147,16 @@ def mean_average_precision_at_n(probs:np.ndarray, # (n, c) class probabilities
     "mAP@N: mean over the classes present in `targets` of AP@N of all images ranked by that class's probability."
     probs, targets = np.asarray(probs), np.asarray(targets)
     return float(np.mean([average_precision_at_n(probs[:, k], targets == k, n) for k in np.unique(targets)]))
+
+# %% ../nbs/00b_metrics.ipynb #56d754ce
+def mean_precision_at_n(probs:np.ndarray, # (n, c) class probabilities
+                        targets:np.ndarray, # (n,) integer class indices
+                        n:int, # the N most confident images per class
+                       ) -> float:
+    "Foix Romero's 'mAP@N': mean over the classes present of the precision of each class's `n` most confident images."
+    probs, targets = np.asarray(probs), np.asarray(targets)
+    top = lambda k: np.argsort(-probs[:, k], kind='stable')[:n]
+    return float(np.mean([(targets[top(k)] == k).mean() for k in np.unique(targets)]))
 
 # %% ../nbs/00b_metrics.ipynb #3d5d7fd9
 def bootstrap_counts(n:int, # number of images
@@ -315,6 +325,7 @@ def evaluate_probs(probs:np.ndarray, # (n, c) class probabilities, columns in `m
         report['confusion_matrix'] = confusion_matrix(targets, preds, labels=labels).tolist()
     report['n_images'] = int(len(targets))
     report['map_at'] = {str(k): _clean(mean_average_precision_at_n(probs, targets, k)) for k in map_at}
+    report['precision_at'] = {str(k): _clean(mean_precision_at_n(probs, targets, k)) for k in map_at} # Foix Romero's 'mAP@N'
     return report
 
 # %% ../nbs/00b_metrics.ipynb #ffcfad52

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['ARCHS', 'WEIGHT_PACKAGES', 'CNNScratch', 'LeNet5', 'Arch', 'register_arch', 'get_arch', 'list_archs', 'model_stats',
            'WeightsUnavailableError', 'CheckpointError', 'read_state_dict', 'load_checkpoint', 'WeightPackage',
-           'file_sha256', 'package_weights', 'map_state_dict', 'chop_resnet', 'hub_cached', 'hub_reachable',
-           'create_model', 'param_groups', 'bloodcell_splitter', 'model_splitter', 'bloodcell_learner', 'count_groups',
-           'trainable_groups']
+           'file_sha256', 'package_weights', 'map_state_dict', 'chop_resnet', 'chop_vgg', 'hub_cached', 'hub_reachable',
+           'create_model', 'mlp_head', 'param_groups', 'bloodcell_splitter', 'model_splitter', 'bloodcell_learner',
+           'count_groups', 'trainable_groups']
 
 # %% ../nbs/01_models.ipynb #c118335d
 from .core import BloodcellError, ModelFileError, ConfigError # first: the package silences fastai's import-time warning
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 import timm
 from timm.models import get_pretrained_cfg, group_parameters
+from timm.layers import ClassifierHead
 from safetensors.torch import load_file as load_safetensors
 
 from fastcore.basics import ifnone
@@ -102,6 +103,10 @@ for _n in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'): regist
 register_arch(Arch('resnet50_chopped', 'resnet50', 'cnn', kwargs=dict(chop_last=True),
                    note="C-NMC: layer4 dropped, head on layer3's 1024 channels"))
 register_arch(Arch('vgg16_bn', 'vgg16_bn', 'cnn'))
+register_arch(Arch('vgg16', 'vgg16', 'cnn', note='plain VGG16 (no BatchNorm), as in the C-NMC studies'))
+register_arch(Arch('vgg16_chopped', 'vgg16', 'cnn', kwargs=dict(chop_last=True),
+                   note="C-NMC: VGG16 without block 5 and fc6/fc7, head on block 4's 512 channels"))
+register_arch(Arch('inception_v3', 'inception_v3', 'cnn', size=299, note='Mir & Nissa (C-NMC); AlexNet is not in timm'))
 register_arch(Arch('mobilenetv2', 'mobilenetv2_100', 'cnn'))
 register_arch(Arch('mobilenetv3', 'mobilenetv3_large_100', 'cnn'))
 register_arch(Arch('mobilenetv3_small', 'mobilenetv3_small_100', 'cnn'))
@@ -296,10 +301,24 @@ def chop_resnet(model:nn.Module, # a timm `ResNet`
     "Drop a timm ResNet's last stage (`layer4`) and put a fresh `n_out` head on `layer3`'s features"
     if not isinstance(getattr(model, 'layer4', None), nn.Module) or not hasattr(model, 'feature_info'):
         raise ValueError(f"chop_last only applies to timm ResNets, not {type(model).__name__}")
-    model.layer4 = nn.Identity()
+    model.layer4, model.chopped = nn.Identity(), ('layer4',)
     model.feature_info = model.feature_info[:-1]
     model.num_features = model.head_hidden_size = model.feature_info[-1]['num_chs']
     model.reset_classifier(n_out)
+    return model
+
+# %% ../nbs/01_models.ipynb #13bb39cd
+def chop_vgg(model:nn.Module, # a timm `VGG`
+             n_out:int # outputs of the new head
+            ) -> nn.Module:
+    "Drop a timm VGG's fifth conv block and fc6/fc7 (`pre_logits`): a fresh `n_out` head (average pool, linear) on block 4's channels"
+    if not isinstance(model, timm.models.vgg.VGG): raise ValueError(f"chop_vgg only applies to timm VGGs, not {type(model).__name__}")
+    cut = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)][3] + 1 # after block 4's pooling
+    model.chopped = tuple(f'features.{i}' for i in range(cut, len(model.features))) + ('pre_logits',) # what an unchopped checkpoint has in excess
+    model.features, model.pre_logits = model.features[:cut], nn.Identity()
+    model.feature_info = [f for f in model.feature_info if int(f['module'].split('.')[1]) < cut]
+    model.num_features = model.head_hidden_size = model.feature_info[-1]['num_chs']
+    model.head = ClassifierHead(model.num_features, n_out, pool_type='avg')
     return model
 
 # %% ../nbs/01_models.ipynb #5d78e30b
@@ -356,7 +375,9 @@ def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm mo
                  n_out:int, # number of outputs (classes)
                  pretrained:bool|str|PathLike=False, # `True`: ImageNet weights (hub, else a weight package); `False`: random; a path: local checkpoint
                  img_size:int|None=None, # input size for fixed-size models (ViT/Mixer; default: the arch's size); CNNs ignore it
-                 chop_last:bool=False, # ResNets: drop `layer4`, head on `layer3`
+                 chop_last:bool=False, # ResNets: drop `layer4`, head on `layer3`; VGGs: drop block 5 and fc6/fc7
+                 head:list=None, # hidden sizes of an MLP head (`mlp_head`), e.g. [512]; default one linear layer
+                 head_ps:float=0.5, # dropout of the MLP head
                  strict:bool=True, # local checkpoints: missing/unexpected keys raise (`False`: warn)
                  **kwargs
                 ) -> nn.Module: # with attributes `pretrained_source`, `weights`, `load_report` and `arch_kwargs`
@@ -371,19 +392,36 @@ def create_model(arch:str|Arch, # registry key (see `list_archs`) or any timm mo
     if a.builder is not None:
         if pretrained is True: raise ConfigError(f"{a.key!r} is a home-made baseline: there are no ImageNet weights. "
                                                 "Use pretrained=False or the path of a checkpoint of this baseline.")
-        if chop: raise ConfigError(f"chop_last only applies to ResNets, not {a.key!r}")
+        if chop: raise ConfigError(f"chop_last only applies to ResNets and VGGs, not {a.key!r}")
         model = a.builder(n_out, **kw)
     elif pretrained is True: model, info = _timm_pretrained(a, n_out, kw)
     else: model = timm.create_model(a.timm_name, pretrained=False, num_classes=n_out, **kw)
-    if chop: chop_resnet(model, n_out)
+    if chop: (chop_vgg if isinstance(model, timm.models.vgg.VGG) else chop_resnet)(model, n_out)
+    if head: mlp_head(model, n_out, head, head_ps)
     model.load_report = None
     if from_file:
-        model.load_report = load_checkpoint(model, pretrained, strict=strict, ignore=('layer4',) if chop else ())
+        model.load_report = load_checkpoint(model, pretrained, strict=strict, ignore=getattr(model, 'chopped', ()))
         info = dict(source='file', file=model.load_report['source'], sha256=file_sha256(model.load_report['source']))
     model.weights = info # where the weights came from: the record and model.json keep it
     model.pretrained_source = None if info is None else info.get('file') if info['source'] == 'file' else info.get('hub') or f"{info['package']} {info['version']}"
     # what `create_model(arch, **model.arch_kwargs)` needs to rebuild the same module (weights aside)
-    model.arch_kwargs = dict(n_out=n_out, img_size=img_size, chop_last=chop, **kwargs)
+    model.arch_kwargs = dict(n_out=n_out, img_size=img_size, chop_last=chop, **(dict(head=[int(f) for f in head], head_ps=head_ps) if head else {}), **kwargs)
+    return model
+
+# %% ../nbs/01_models.ipynb #1c50f0d7
+def mlp_head(model:nn.Module, # a model from `create_model`
+             n_out:int, # outputs
+             ftrs:list, # hidden sizes, e.g. [512] or [256, 128]
+             ps:float=0.5, # dropout after each hidden layer
+            ) -> nn.Module:
+    "Replace the model's final linear classifier by an MLP: Linear-ReLU-Dropout per hidden size, then Linear to `n_out`"
+    name = _classifier_names(model)[0] # timm's classifier name ('fc', 'head.fc', 'classifier'), else the last nn.Linear
+    lin = model.get_submodule(name)
+    if not isinstance(lin, nn.Linear): raise ConfigError(f"{type(model).__name__}'s classifier {name!r} is a {type(lin).__name__}, not a linear layer: no MLP head")
+    layers, ni = [], lin.in_features
+    for nf in ftrs: layers += [nn.Linear(ni, int(nf)), nn.ReLU(inplace=True), nn.Dropout(ps)]; ni = int(nf)
+    parent, _, attr = name.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.Sequential(*layers, nn.Linear(ni, n_out)))
     return model
 
 # %% ../nbs/01_models.ipynb #4722f239

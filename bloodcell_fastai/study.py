@@ -8,16 +8,20 @@ import os, json, time, shutil, hashlib
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import ConfigError, DataError, atomic_write, jsonable, cache_dir
-from .data import load_items, load_split, save_split, study_subsets, STUDY_SIZES
+from .data import load_items, load_split, save_split, study_subsets, STUDY_SIZES, NESTS, SPLIT_BY
 from .models import get_arch
 from .train import train, train_config, TRAIN_DEFAULTS
+from .export import load_safe
+from .inference import predict_probs, prepare_items
+from .metrics import mean_average_precision_at_n, mean_precision_at_n
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'STUDY_DEFAULTS', 'REPO_RAW', 'PAPER_METRICS', 'quick_mode', 'split_key', 'train_on_split', 'read_record',
            'run_status', 'resumable', 'clear_run', 'ensure_run', 'StudyError', 'load_study_config', 'find_study_config',
-           'is_baseline', 'study_run_id', 'study_runs', 'study_items', 'study_splits', 'run_key', 'run_summary',
-           'read_results', 'run_study', 'study_results', 'study_table', 'plot_size_curve', 'study_report',
-           'compare_runs', 'per_class_table']
+           'is_baseline', 'study_run_id', 'study_runs', 'study_items', 'study_splits', 'run_key', 'n_params',
+           'run_summary', 'read_results', 'run_study', 'study_results', 'study_table', 'plot_size_curve',
+           'study_report', 'compare_runs', 'per_class_table', 'run_test_probs', 'export_results', 'load_results',
+           'plot_learning_curves', 'plot_confusion_grid', 'rank_curves', 'plot_rank_curves', 'plot_roc_curves']
 
 # %% ../nbs/07d_study.ipynb #121e6078
 def quick_mode()->bool:
@@ -59,7 +63,7 @@ def train_on_split(run_dir:Path|str, # run folder to write
     return train(run_dir, resume=resume, split_csv=run_dir/'split.csv', **cfg)
 
 # %% ../nbs/07d_study.ipynb #7da02f50
-RUN_FILES = ('record.json', 'split.csv', 'model.json', 'model.safetensors', 'history.csv', 'learner.pkl', 'checkpoints')
+RUN_FILES = ('record.json', 'split.csv', 'model.json', 'model.safetensors', 'history.csv', 'learner.pkl', 'checkpoints', 'test_probs.csv')
 
 def read_record(run_dir:Path|str, # run folder
                )->dict|None:
@@ -116,7 +120,7 @@ def ensure_run(run_dir:Path|str, # run folder
 
 # %% ../nbs/07d_study.ipynb #087d121c
 STUDY_DEFAULTS = dict(name=None, description='', out=None, dataset='pbc', data=None, labels='folder', sample=None,
-                      sizes=None, ratios=[5,2,3], nest='data', seed=42, archs=None, pretrained=[False, True], train={},
+                      sizes=None, ratios=[5,2,3], nest='data', split_by='subject', seed=42, archs=None, pretrained=[False, True], train={},
                       pretrained_train={}, pretrained_sizes=None, arch_train={}, prune_checkpoints=True)
 REPO_RAW = 'https://raw.githubusercontent.com/bloodcell-fastai/bloodcell_fastai/main'
 
@@ -139,7 +143,8 @@ def load_study_config(config, # a JSON file, a dict, or the name of a file in `s
     cfg['name'] = cfg['name'] or (src.stem if src else 'study')
     cfg['sizes'] = dict(cfg['sizes'] or STUDY_SIZES)
     if not cfg['archs']: raise StudyError(f"{src or 'the config'} lists no architectures: add \"archs\": [\"resnet18\", ...]")
-    if cfg['nest'] not in ('data', 'train'): raise StudyError(f"nest={cfg['nest']!r}: 'data' (each subset split by ratios) or 'train' (subsets of one training split)")
+    if cfg['nest'] not in NESTS: raise StudyError(f"nest={cfg['nest']!r}: 'data' (each subset split by ratios) or 'train' (subsets of one training split)")
+    if cfg['split_by'] not in SPLIT_BY: raise StudyError(f"split_by={cfg['split_by']!r}: 'subject' (no subject in two splits) or 'image' (the published random split)")
     if any(not (0 < f <= 1 or float(f).is_integer() and f > 1) for f in cfg['sizes'].values()):
         raise StudyError(f"sizes are fractions in (0, 1] or numbers of images, got {cfg['sizes']}")
     if len(cfg['ratios'])!=3 or min(cfg['ratios'])<=0: raise StudyError(f"ratios are train:valid:test, three positive numbers, got {cfg['ratios']}")
@@ -188,9 +193,10 @@ def study_runs(cfg:dict, # a config from `load_study_config`
     out = []
     for subset in sorted(cfg['sizes'], key=lambda k: cfg['sizes'][k]):
         for arch in cfg['archs']:
-            for pre in cfg['pretrained']:
+            a_pre = cfg['arch_train'].get(arch, {}).get('pretrained') # an arch's own `pretrained` narrows the grid for it
+            for pre in (cfg['pretrained'] if a_pre is None else [bool(a_pre)]):
                 if pre and (is_baseline(arch) or cfg['pretrained_sizes'] is not None and subset not in cfg['pretrained_sizes']): continue # e.g. Foix Romero: probes on tiny only
-                t = dict(dataset=cfg['dataset'], data=cfg['data'], labels=cfg['labels'], seed=cfg['seed'], **cfg['train'])
+                t = dict(dataset=cfg['dataset'], data=cfg['data'], labels=cfg['labels'], seed=cfg['seed'], split_by=cfg['split_by'], **cfg['train'])
                 if pre: t.update(cfg['pretrained_train'])
                 t.update(cfg['arch_train'].get(arch, {}))
                 t.update(arch=arch, pretrained=pre)
@@ -210,7 +216,7 @@ def study_splits(cfg:dict, # a config from `load_study_config`
                  out:Path|str, # the study's folder
                 )->dict:
     "Draw the study's subsets, write `splits/<subset>.csv` when changed; {subset: (split table, key)}."
-    try: subs = study_subsets(study_items(cfg), sizes=cfg['sizes'], ratios=tuple(cfg['ratios']), seed=cfg['seed'], nest=cfg['nest'])
+    try: subs = study_subsets(study_items(cfg), sizes=cfg['sizes'], ratios=tuple(cfg['ratios']), seed=cfg['seed'], nest=cfg['nest'], by=cfg['split_by'])
     except DataError as e: raise StudyError(str(e)) from None
     res = {}
     for name, df in subs.items():
@@ -230,6 +236,14 @@ def run_key(train_opts:dict, # the run's options of `train_config`
     s = json.dumps(dict(train=cfg, split=split_key), sort_keys=True)
     return hashlib.md5(s.encode()).hexdigest()
 
+# %% ../nbs/07d_study.ipynb #78e19de9
+def n_params(run_dir:Path|str, # a run folder with the safe export
+            )->int:
+    "The number of weights in a run's `model.safetensors`, read from its header (no tensor is loaded)."
+    from safetensors import safe_open
+    with safe_open(str(Path(run_dir)/'model.safetensors'), 'pt') as f:
+        return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys() if 'running_' not in k and 'num_batches' not in k))
+
 # %% ../nbs/07d_study.ipynb #a7604864
 def run_summary(run_dir:Path|str, # a finished run folder
                )->dict:
@@ -238,10 +252,12 @@ def run_summary(run_dir:Path|str, # a finished run folder
     if not rec or rec.get('status')!='done': raise StudyError(f"{run_dir} holds no finished run (record.json status {rec and rec.get('status')})")
     c, t = rec['config'], rec['final_metrics']['test']
     row = dict(arch=c['arch'], family=get_arch(c['arch']).family, pretrained=bool(c['pretrained'] or c.get('weights')), recipe=c['recipe'],
-               size=c['size'], epochs=c['epochs'], epochs_run=len(rec.get('history') or []), **{f'n_{s}':rec['n_images'][s] for s in ('train','valid','test')})
+               size=c['size'], bs=c['bs'], params=n_params(run_dir), epochs=c['epochs'], epochs_run=len(rec.get('history') or []),
+               **{f'n_{s}':rec['n_images'][s] for s in ('train','valid','test')})
     for m in ('accuracy','balanced_accuracy','f1_macro','cohen_kappa'):
         row[m], row[f'{m}_low'], row[f'{m}_high'] = t[m]['value'], t[m]['ci_low'], t[m]['ci_high']
     row.update({f'map@{k}':v for k,v in t.get('map_at', {}).items()})
+    row.update({f'p@{k}':v for k,v in t.get('precision_at', {}).items()}) # Foix Romero's 'mAP@N' (precision@N)
     tm = rec.get('timings', {})
     row.update(train_seconds=tm.get('train_seconds'), seconds_per_epoch=tm.get('seconds_per_epoch'),
                device=rec['env']['device'], precision=rec.get('precision'))
@@ -407,3 +423,132 @@ def per_class_table(run_dirs, # run folders, or a dict name -> run folder
     runs = run_dirs if isinstance(run_dirs, dict) else {Path(r).name: r for r in run_dirs}
     return pd.DataFrame({n: {c:v[score] for c,v in read_record(r)['final_metrics'][split]['per_class'].items()}
                          for n,r in runs.items()}).rename_axis('class')
+
+# %% ../nbs/07d_study.ipynb #752a7026
+def run_test_probs(run_dir:Path|str, # a finished run folder
+                   bs:int=64, # batch size
+                  )->pd.DataFrame:
+    "A run's test-split probabilities (`file`, `label`, one column per class), predicted once and kept as `test_probs.csv`."
+    fn, d = Path(run_dir)/'test_probs.csv', Path(run_dir)
+    if fn.exists() and fn.stat().st_mtime >= max((d/f).stat().st_mtime for f in ('model.json', 'model.safetensors')): # newer than the model (and its temperature)
+        return pd.read_csv(fn)
+    model, meta = load_safe(run_dir)
+    rows = load_split(Path(run_dir)/'split.csv')
+    rows = rows[rows.split=='test'].drop_duplicates('file').reset_index(drop=True)
+    df = pd.concat([rows[['file', 'label']], pd.DataFrame(predict_probs(model, meta, prepare_items(rows, meta), bs), columns=meta.classes)], axis=1)
+    atomic_write(fn, df.to_csv(index=False))
+    return df
+
+# %% ../nbs/07d_study.ipynb #583ddfa4
+def export_results(config, # config file, name in studies/, or dict
+                   dest:Path|str, # folder to write, e.g. studies/results/NAME
+                   out:Path|str=None, # the study's folder; default the config's
+                  )->list:
+    "Copy a study's results, epoch histories and test probabilities into `dest` (small files, for the docs); the files."
+    cfg = load_study_config(config); out = Path(out or cfg['out'] or Path('runs')/cfg['name'])
+    res, dest = study_results(cfg, out), Path(dest)
+    if not len(res): raise StudyError(f"{out} holds no finished run of {cfg['name']}: run `bloodcell study {cfg['name']}` first")
+    hist = pd.concat([pd.DataFrame(read_record(out/d)['history']).assign(run_id=i) for i, d in zip(res.run_id, res.run_dir)], ignore_index=True)
+    probs = pd.concat([run_test_probs(out/d).drop(columns='file').assign(run_id=i) for i, d in zip(res.run_id, res.run_dir)], ignore_index=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [atomic_write(dest/'results.csv', res.drop(columns=['run_dir', 'device'], errors='ignore').to_csv(index=False)),
+             atomic_write(dest/'history.csv', hist.to_csv(index=False))]
+    tmp = dest/f'.test_probs.tmp{os.getpid()}.csv.gz'
+    probs.round(4).to_csv(tmp, index=False, compression='gzip'); os.replace(tmp, dest/'test_probs.csv.gz')
+    return files + [dest/'test_probs.csv.gz']
+
+def load_results(dest:Path|str, # a folder written by `export_results`
+                )->tuple:
+    "`(results, history, test_probs)` of an exported study."
+    dest = Path(dest)
+    return pd.read_csv(dest/'results.csv'), pd.read_csv(dest/'history.csv'), pd.read_csv(dest/'test_probs.csv.gz')
+
+# %% ../nbs/07d_study.ipynb #0d34d269
+def plot_learning_curves(history:pd.DataFrame, # from `load_results` (one row per epoch, `run_id`)
+                         runs:list=None, # run ids to show; default all
+                        ):
+    "Per run: train and valid loss, valid accuracy, and the learning rate of each epoch (the schedule), over epochs."
+    import matplotlib.pyplot as plt
+    runs = runs or list(dict.fromkeys(history.run_id))
+    fig, axs = plt.subplots(3, len(runs), figsize=(3.2*len(runs), 6.6), squeeze=False, sharex='col')
+    for j, r in enumerate(runs):
+        h = history[history.run_id==r].reset_index(drop=True)
+        x = np.arange(1, len(h)+1)
+        axs[0, j].plot(x, h.train_loss, label='train'); axs[0, j].plot(x, h.valid_loss, label='valid')
+        axs[1, j].plot(x, h.accuracy, color='C2'); axs[2, j].step(x, h.lr, where='mid', color='C3')
+        axs[0, j].set_title(r, fontsize=8); axs[2, j].set_yscale('log'); axs[2, j].set_xlabel('epoch')
+    for i, y in enumerate(['loss', 'valid accuracy', 'learning rate']): axs[i, 0].set_ylabel(y)
+    axs[0, 0].legend(fontsize=7); fig.tight_layout()
+    return fig
+
+# %% ../nbs/07d_study.ipynb #3120c1ee
+def _probs_of(probs:pd.DataFrame, r:str)->tuple:
+    "`(P, targets, classes)` of one run in an exported probability table."
+    d = probs[probs.run_id==r].dropna(axis=1, how='all')
+    classes = [c for c in d.columns if c not in ('label', 'run_id')]
+    return d[classes].values, d.label.astype(str).map({c:i for i,c in enumerate(classes)}).values, classes
+
+def plot_confusion_grid(probs:pd.DataFrame, # from `load_results`
+                        runs:list=None, # run ids, e.g. one per configuration x size; default all
+                        ncols:int=4, # panels per row
+                       ):
+    "Row-normalised test confusion matrices, one panel per run."
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+    runs = runs or list(dict.fromkeys(probs.run_id))
+    nr = -(-len(runs)//ncols)
+    fig, axs = plt.subplots(nr, min(ncols, len(runs)), figsize=(3*min(ncols, len(runs)), 3*nr), squeeze=False)
+    for ax, r in zip(axs.flat, runs):
+        P, t, cls = _probs_of(probs, r)
+        cm = confusion_matrix(t, P.argmax(1), labels=range(len(cls)), normalize='true')
+        ax.imshow(cm, vmin=0, vmax=1, cmap='Blues')
+        ax.set_xticks(range(len(cls)), [c[:4] for c in cls], rotation=90, fontsize=6); ax.set_yticks(range(len(cls)), [c[:4] for c in cls], fontsize=6)
+        ax.set_title(f"{r}\nacc {(P.argmax(1)==t).mean():.3f}", fontsize=7)
+    for ax in list(axs.flat)[len(runs):]: ax.axis('off')
+    fig.supxlabel('predicted', fontsize=8); fig.supylabel('true', fontsize=8); fig.tight_layout()
+    return fig
+
+# %% ../nbs/07d_study.ipynb #16d50386
+def rank_curves(probs:pd.DataFrame, # from `load_results`
+                ns:tuple=(1, 2, 5, 10, 20, 50, 100, 200), # ranks N
+               )->pd.DataFrame:
+    "mAP@N (ours: truncated average precision) and Foix Romero's 'mAP@N' (precision@N) of each run, for each N."
+    rows = []
+    for r in dict.fromkeys(probs.run_id):
+        P, t, _ = _probs_of(probs, r)
+        rows += [dict(run_id=r, N=n, map=mean_average_precision_at_n(P, t, n), precision=mean_precision_at_n(P, t, n)) for n in ns]
+    return pd.DataFrame(rows)
+
+def plot_rank_curves(probs:pd.DataFrame, # from `load_results`
+                     ns:tuple=(1, 2, 5, 10, 20, 50, 100, 200), # ranks N
+                    ):
+    "Both mAP@N definitions against N, one line per run."
+    import matplotlib.pyplot as plt
+    rc = rank_curves(probs, ns)
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for r, g in rc.groupby('run_id', sort=False):
+        for ax, k in zip(axs, ('map', 'precision')): ax.plot(g.N, g[k], marker='o', ms=3, label=r)
+    axs[0].set(title='mAP@N (truncated average precision: ours)', xlabel='N', xscale='log', ylabel='score')
+    axs[1].set(title="Foix Romero's mAP@N (precision@N)", xlabel='N', xscale='log')
+    for ax in axs: ax.grid(alpha=.3)
+    axs[1].legend(fontsize=7); fig.tight_layout()
+    return fig
+
+# %% ../nbs/07d_study.ipynb #ef36cd98
+def plot_roc_curves(probs:pd.DataFrame, # from `load_results`
+                    runs:list=None, # run ids; default all
+                   ):
+    "One-vs-rest ROC curve of every class, one panel per run, with the macro AUC in the title."
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve, auc
+    runs = runs or list(dict.fromkeys(probs.run_id))
+    fig, axs = plt.subplots(1, len(runs), figsize=(3.2*len(runs), 3.3), squeeze=False, sharey=True)
+    for ax, r in zip(axs[0], runs):
+        P, t, cls = _probs_of(probs, r)
+        aucs = []
+        for k, c in enumerate(cls):
+            if not (t==k).any(): continue
+            fpr, tpr, _ = roc_curve(t==k, P[:, k]); aucs.append(auc(fpr, tpr)); ax.plot(fpr, tpr, lw=1, label=c)
+        ax.plot([0, 1], [0, 1], 'k:', lw=.8); ax.set_title(f"{r}\nmacro AUC {np.mean(aucs):.3f}", fontsize=7); ax.set_xlabel('false positive rate')
+    axs[0, 0].set_ylabel('true positive rate'); axs[0, -1].legend(fontsize=6); fig.tight_layout()
+    return fig

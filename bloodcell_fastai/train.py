@@ -17,7 +17,7 @@ from fastai.distributed import DistributedDL, DistributedTrainer, rank_distrib, 
 from fastai.callback.progress import ProgressCallback
 from .core import ConfigError, atomic_write, jsonable, cpu_bf16_supported, cpu_info
 from .models import bloodcell_learner, model_stats, get_arch, count_groups
-from .data import load_items, split_items, save_split, load_split, cell_dataloaders, cell_tfms, dataset_for, presize_for, colour_for
+from .data import load_items, split_items, save_split, load_split, cell_dataloaders, cell_tfms, dataset_for, presize_for, colour_for, SPLIT_BY
 from .imaging import COLOUR_METHODS
 from .augment import robust_dl_kwargs, ROBUST_AUG_CFG
 from .ood import ood_summary, check_score, capture_features
@@ -28,17 +28,18 @@ from .evaluate import evaluate_split
 # %% auto #0
 __all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'OPTIMIZERS', 'SCHEDULES', 'PRETRAINED_DEFAULTS', 'TINY', 'train_config',
            'resolve_precision', 'run_precision', 'CPUAutocast', 'precision_callbacks', 'gradual_schedule',
-           'recipe_stages', 'RunCheckpoint', 'History', 'load_checkpoint_state', 'run_items', 'run_dataloaders',
-           'FreezeBN', 'run_learner', 'find_lr', 'fit_head_cached', 'run_stages', 'DeviceDistributedDL',
-           'DeviceDistributedTrainer', 'distributed', 'is_rank0', 'env_info', 'model_meta', 'train', 'tiny_run']
+           'recipe_stages', 'RunCheckpoint', 'History', 'load_checkpoint_state', 'run_items', 'run_stats',
+           'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr', 'fit_head_cached', 'run_stages',
+           'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed', 'is_rank0', 'env_info', 'model_meta',
+           'train', 'tiny_run']
 
 # %% ../nbs/06_train.ipynb #abaec403
 TFM_OPTIONS = ('aug', 'min_scale', 'max_rotate', 'max_lighting', 'max_hue') # options of `cell_tfms` a run sets (aug=False: none, as in Foix Romero 2022)
 TRAIN_DEFAULTS = dict(
-    dataset=None, data=None, labels='folder', sample=None, seed=42, valid_pct=0.2, test_pct=0.2,
+    dataset=None, data=None, labels='folder', sample=None, seed=42, valid_pct=0.2, test_pct=0.2, split_by='subject',
     arch='resnet18', pretrained=False, weights=None, size=128, bs=64, epochs=5, lr=None, recipe=None, freeze_epochs=1, cached_head=False, freeze_bn=False,
     lr_mult=100, gradual_steps=None, mixup=0., cutmix=0., label_smoothing=0., wd=None,
-    precision='auto', channels_last=True, balance=None, crop_border=False, pad=False,
+    precision='auto', channels_last=True, balance=None, centre_crop=None, crop_border=False, pad=False, norm=None, head=None, head_ps=0.5,
     monitor='valid_loss', patience=None, min_delta=0., save_best=False, export_pickle=False, num_workers=None,
     opt='adam', mom=None, schedule='one_cycle', plateau_patience=10, plateau_factor=0.1, plateau_min_delta=0.,
     **{k: inspect.signature(cell_tfms).parameters[k].default for k in TFM_OPTIONS},
@@ -60,6 +61,15 @@ def train_config(**kwargs)->dict:
     if cfg['robust_aug']: # the other-lab augmentation's settings (02b_augment), unless given explicitly
         cfg.update({k:v for k,v in ROBUST_AUG_CFG.items() if k not in kwargs})
     if cfg['pretrained'] is True: cfg.update({k:v for k,v in PRETRAINED_DEFAULTS.items() if k not in kwargs}) # the same on every machine
+    if cfg['head']: # an MLP head is trained by gradient: the cached logistic-regression head fits one linear layer only
+        if kwargs.get('cached_head'): raise ConfigError("cached_head fits a single linear layer: it cannot fit an MLP head (head=...); drop one of them")
+        cfg['cached_head'] = False
+        if isinstance(cfg['head'], (int, str)): cfg['head'] = [int(h) for h in str(cfg['head']).split(',')]
+    if cfg['split_by'] not in SPLIT_BY: raise ConfigError(f"split_by={cfg['split_by']!r}: choose one of {', '.join(SPLIT_BY)}")
+    if cfg['norm'] is not None and (len(cfg['norm'])!=2 or any(not np.isscalar(v) and len(v)!=3 for v in cfg['norm'])):
+        raise ConfigError(f"norm={cfg['norm']!r}: give [mean, std], each one number or three (e.g. [0.5, 0.225] as in Foix Romero 2022)")
+    if cfg['centre_crop'] is not None and not (float(cfg['centre_crop']).is_integer() and cfg['centre_crop'] > 0):
+        raise ConfigError(f"centre_crop={cfg['centre_crop']!r}: give the side of the central square in pixels, e.g. 352")
     if cfg['recipe'] is None: cfg['recipe'] = 'fine_tune' if cfg['pretrained'] or cfg['weights'] else 'scratch'
     if cfg['recipe'] not in RECIPES: raise ConfigError(f"recipe={cfg['recipe']!r}: choose one of {', '.join(RECIPES)}")
     if cfg['mixup'] and cfg['cutmix']: raise ConfigError("Choose MixUp or CutMix, not both")
@@ -208,16 +218,23 @@ def run_items(cfg:dict, # run configuration
     items = load_items(cfg['dataset'], cfg['data'], labels=cfg['labels'])
     if cfg['sample']:
         items = items.sample(frac=1, random_state=cfg['seed']).groupby('label').head(int(cfg['sample'])).sort_index()
-    return split_items(items, valid_pct=cfg['valid_pct'], test_pct=cfg['test_pct'], seed=cfg['seed'])
+    return split_items(items, valid_pct=cfg['valid_pct'], test_pct=cfg['test_pct'], seed=cfg['seed'], by=cfg['split_by'])
+
+# %% ../nbs/06_train.ipynb #a98dac42
+def run_stats(cfg:dict, # run configuration
+             )->tuple:
+    "`(mean, std)` a run normalises with: its `norm` (one number or three each), else the statistics of the weights."
+    if cfg.get('norm') is None: return model_stats(cfg['arch'], cfg['pretrained'])
+    return tuple([float(v)]*3 if np.isscalar(v) else list(map(float, v)) for v in cfg['norm'])
 
 # %% ../nbs/06_train.ipynb #e075a9f6
 def run_dataloaders(df:pd.DataFrame, # split items
                     cfg:dict, # run configuration
                    ):
     "DataLoaders for a run, normalised with the statistics of the weights (and the colour normalisation of `cfg`)."
-    stats, item_size = model_stats(cfg['arch'], cfg['pretrained']), presize_for(cfg['size'])
-    colour = colour_for(df, cfg['colour'], item_size, cfg['crop_border'], cfg['pad'], cfg['cell_crop'], seed=cfg['seed'])
-    return cell_dataloaders(df, size=cfg['size'], bs=cfg['bs'], crop_border=cfg['crop_border'], pad=cfg['pad'],
+    stats, item_size = run_stats(cfg), presize_for(cfg['size'])
+    colour = colour_for(df, cfg['colour'], item_size, cfg['crop_border'], cfg['pad'], cfg['cell_crop'], cfg['centre_crop'], seed=cfg['seed'])
+    return cell_dataloaders(df, size=cfg['size'], bs=cfg['bs'], centre_crop=cfg['centre_crop'], crop_border=cfg['crop_border'], pad=cfg['pad'],
                             balance=cfg['balance'], seed=cfg['seed'], num_workers=cfg['num_workers'], stats=stats,
                             aug=cfg['aug'], min_scale=cfg['min_scale'], max_rotate=cfg['max_rotate'], max_lighting=cfg['max_lighting'],
                             max_hue=cfg['max_hue'], cell_crop=cfg['cell_crop'], colour=colour,
@@ -245,6 +262,7 @@ def run_learner(dls, # the run's DataLoaders
     cbs += precision_callbacks(run_precision(cfg), cfg['channels_last'], get_arch(cfg['arch']).is_cnn)
     opt_func = dict(adam=Adam, sgd=partial(SGD, mom=cfg['mom'] or 0.), rmsprop=partial(RMSProp, mom=cfg['mom'] or 0.))[cfg['opt']]
     learn = bloodcell_learner(dls, cfg['arch'], pretrained=cfg['weights'] or bool(cfg['pretrained']), img_size=cfg['size'], loss_func=loss,
+                              model_kwargs=dict(head=cfg['head'], head_ps=cfg['head_ps']) if cfg['head'] else None,
                               metrics=[accuracy, BalancedAccuracy(), CohenKappa(), error_rate], cbs=cbs, wd=cfg['wd'], opt_func=opt_func)
     return learn
 
@@ -375,10 +393,10 @@ def model_meta(learn, # the trained learner
                dls, # its DataLoaders
               )->ModelMeta:
     "What the safe export needs to rebuild and feed the model."
-    mean,std = model_stats(cfg['arch'], cfg['pretrained'])
+    mean,std = run_stats(cfg)
     return ModelMeta(learn.arch, list(map(str, dls.vocab)), cfg['size'], list(map(float, mean)), list(map(float, std)),
                      arch_kwargs=learn.arch_kwargs, weights=learn.weights, label_scheme=cfg['labels'], dataset=cfg['dataset'],
-                     preprocess=dict(crop_border=cfg['crop_border'], pad=cfg['pad'],
+                     preprocess=dict(crop_border=cfg['crop_border'], pad=cfg['pad'], **({'centre_crop': int(cfg['centre_crop'])} if cfg.get('centre_crop') else {}),
                                      **({'cell_crop': {'ratio': float(cfg['cell_crop'])}} if cfg.get('cell_crop') else {}),
                                      **({'colour': dls.colour} if getattr(dls, 'colour', None) else {})))
 

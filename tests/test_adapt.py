@@ -119,3 +119,24 @@ def test_train_cli_scratch_with_weights_is_refused(tmp_path, capsys):
     from bloodcell_fastai.cli import main
     with pytest.raises(SystemExit) as e: main(['train', '--out', str(tmp_path/'r'), '--scratch', '--pretrained'])
     assert e.value.code != 0 and '--scratch starts from random weights' in capsys.readouterr().err
+
+def test_protocol_preprocessing_train_equals_predict(tmp_path, data_root):
+    "A run with the published preprocessing (centre crop, CLAHE, own normalisation, MLP head) records it, and prediction repeats it."
+    from PIL import Image
+    from bloodcell_fastai.train import tiny_run
+    from bloodcell_fastai.data import load_split, presize
+    from bloodcell_fastai.inference import read_cell, predict_probs, prepare_items
+    run = tiny_run(tmp_path/'p', centre_crop=300, colour='clahe', norm=[0.5, 0.225], head=[16], head_ps=0.3)
+    meta = read_meta(run)
+    assert (meta.centre_crop, meta.colour['method'], meta.mean, meta.std) == (300, 'clahe', [0.5]*3, [0.225]*3)
+    assert meta.arch_kwargs['head'] == [16]
+    te = load_split(run/'split.csv').query("split=='test'").head(4)
+    cached = presize(te, meta.item_size, colour=meta.colour, centre_crop=meta.centre_crop).image
+    for f, c in zip(te.file, cached):
+        assert np.array_equal(np.asarray(read_cell(f, meta)), np.asarray(Image.open(c).convert('RGB')))
+    model, meta2 = load_safe(run)                                   # the MLP head is rebuilt from model.json
+    assert isinstance(model.fc, nn.Sequential) and model.fc[0].out_features == 16 and model.fc[2].p == 0.3
+    p = predict_probs(model, meta2, prepare_items(te, meta2))
+    assert p.shape == (len(te), len(meta2.classes)) and np.allclose(p.sum(1), 1, atol=1e-5)
+    rec = json.loads((run/'record.json').read_text())
+    assert rec['final_metrics']['test']['accuracy']['value'] is not None

@@ -113,3 +113,9 @@ def test_cli_ensemble(runs, tmp_path, capsys):
     assert 'average weights' in out and 'ensemble' in out
     for f in ('ensemble.json', 'metrics.json', 'metrics.csv'): assert f"wrote {tmp_path/'avg'/f}" in out
     assert not (tmp_path/'avg'/'search.csv').exists()
+
+def test_cli_ensemble_published_ga(runs, tmp_path):
+    "--ga-published runs the published GA: 8 restarts of 100 solutions over 50 generations, recorded in the ensemble."
+    ens = bloodcell_ensemble([str(r) for r in runs], search='ga', ga_published=True, out=str(tmp_path/'ga'), n_boot=20)
+    assert ens.params['population'] == 100 and ens.params['generations'] == 50 and ens.params['restarts'] == 8
+    assert pd.read_csv(tmp_path/'ga'/'search.csv').restart.nunique() == 8

@@ -1,7 +1,7 @@
 "The study runner: configs, training on a given split, skipping finished runs, redoing partial ones, the CLI function."
 import json
 from pathlib import Path
-import pandas as pd
+import numpy as np, pandas as pd
 import pytest
 import torch
 import bloodcell_fastai.study as S
@@ -9,6 +9,7 @@ from bloodcell_fastai.data import load_items, split_items, load_split
 from bloodcell_fastai.core import atomic_write, ConfigError
 from bloodcell_fastai.study import load_study_config, study_runs, train_on_split, run_status, split_key, read_record, run_study, study_results, read_results, StudyError
 from bloodcell_fastai.cli import bloodcell_study
+from bloodcell_fastai.train import train_config
 
 STUDIES = Path(__file__).resolve().parents[1]/'studies'
 torch.set_num_threads(1)  # tiny models; two OpenMP threads spin-wait on a busy shared CPU
@@ -126,6 +127,10 @@ def test_cli_function_dry_run_trains_nothing(tmp_path, data_root, count_training
     out = capsys.readouterr().out
     assert 'wrote' in out and (tmp_path/'mini'/'accuracy_vs_size.png').exists()
     assert pd.read_csv(tmp_path/'mini'/'table_accuracy.csv').shape[0] == 1
+    bloodcell_study(str(fn), out=str(tmp_path/'mini'), export=str(tmp_path/'docs'))   # nothing to train: export only
+    assert count_training and len(count_training) == 2 and 'test_probs.csv.gz' in capsys.readouterr().out
+    res, hist, probs = S.load_results(tmp_path/'docs')
+    assert len(res) == 2 and set(hist.run_id) == set(res.run_id) and 'file' not in probs and len(probs) == res.n_test.sum()
 
 
 def test_run_key_ignores_options_left_at_their_default():
@@ -144,6 +149,7 @@ def test_foix_romero_config_is_the_published_protocol():
     assert {r['subset'] for r in runs if r['pretrained']} == {'tiny'}
     t = next(r for r in runs if r['arch'] == 'resnet18' and not r['pretrained'])['train']
     assert (t['opt'], t['lr'], t['schedule'], t['colour'], t['aug'], t['bs']) == ('sgd', 0.1, 'plateau', 'grey', False, 64)
+    assert (t['centre_crop'], t['norm']) == (352, [0.5, 0.225])            # the published crop and normalisation
     probe = next(r for r in runs if r['pretrained'])['train']
     assert probe['cached_head'] and probe['epochs'] == 0                  # only the new last layer
     for name in ('foix_romero_2022_cpu', 'foix_romero_2022_probe_cpu'): assert study_runs(load_study_config(STUDIES/f'{name}.json'))
@@ -156,3 +162,92 @@ def test_train_nested_subsets_share_valid_and_test(tmp_path, data_root):
     assert set(f.file[f.split == 'train']) < set(a.file[a.split == 'train']) and abs((f.split == 'train').sum() - 16) <= 8
     with pytest.raises(StudyError, match='the training split holds'): S.study_splits(load_study_config(mini_config(sizes=dict(huge=5000), nest='train')), tmp_path/'h')
     with pytest.raises(StudyError, match="nest='sideways'"): load_study_config(mini_config(nest='sideways'))
+
+# too big for a CI step: each is replaced by a small model of its family, which keeps the architecture's own options
+STAND_INS = dict(vit_large_patch16_224='vit_tiny_2blocks', vit_base_patch16_224='vit_tiny_patch16_224', mixer_b16_224='vit_tiny_2blocks',
+                 convnext_large='convnext_tiny', resnet101='resnet18', resnet152='resnet18')
+
+def shrink(cfg:dict, sample:int=4, pretrained:bool=False)->dict:
+    "A published protocol at test scale: a few images per class, 32-80 px, one epoch; random weights unless `pretrained` (pip weights)."
+    small = dict(size=32, bs=8, epochs=1, freeze_epochs=1, num_workers=0, precision='fp32', patience=None)
+    cfg = json.loads(json.dumps(cfg))
+    cfg.update(sample=sample, sizes={k: v for k, v in list(cfg['sizes'].items())[-1:]})   # the smallest subset
+    if cfg.get('nest') == 'train': cfg['sizes'] = {k: 8 for k in cfg['sizes']}
+    if not pretrained: cfg['pretrained'] = [False]
+    cfg['train'] = {**cfg['train'], **small, **({'balance': 8} if cfg['train'].get('balance') else {})}
+    at = cfg.setdefault('arch_train', {})
+    for big, small_arch in STAND_INS.items():
+        if big in cfg['archs']:
+            cfg['archs'] = list(dict.fromkeys(small_arch if a == big else a for a in cfg['archs']))
+            if big in at: at[small_arch] = at.pop(big)
+    for a, t in at.items():
+        t.update({k: v for k, v in small.items() if k in t}, **({'size': 80} if a.startswith('inception') else {}))
+        if not pretrained: t.pop('pretrained', None)
+    cfg['pretrained_train'] = {**cfg.get('pretrained_train', {}), **{o: small[o] for o in ('epochs', 'freeze_epochs') if cfg.get('pretrained_train', {}).get(o)}}
+    return cfg
+
+PROTOCOLS = ['ryba_2021', 'ryba_2021_cpu', 'foix_romero_2022', 'foix_romero_2022_cpu', 'foix_romero_2022_probe_cpu', 'cnmc_landi_baldi_cioffo', 'cnmc_mir_nissa']
+
+@pytest.mark.parametrize('name', PROTOCOLS)
+def test_published_protocol_runs_on_a_tiny_subset(name, tmp_path, data_root):
+    "Each protocol config trains every one of its runs end to end on a few images (random weights, no hub here; the probe with the pip weights)."
+    src = json.loads((STUDIES/f'{name}.json').read_text())
+    cfg = shrink(src, pretrained=name.endswith('probe_cpu'))
+    run_study(cfg, tmp_path, quiet=True)
+    res = read_results(tmp_path)
+    assert len(res) == len(study_runs(load_study_config(cfg))) and res.accuracy.between(0, 1).all()
+    want = {r['run_id']: train_config(**r['train']) for r in study_runs(load_study_config(cfg))}
+    keys = ('split_by', 'centre_crop', 'crop_border', 'colour', 'opt', 'schedule', 'norm', 'head', 'balance', 'recipe')
+    for run_id, d in zip(res.run_id, res.run_dir):   # the protocol's preprocessing and recipe reached every run
+        c = read_record(tmp_path/d)['config']
+        assert {k: c[k] for k in keys} == {k: want[run_id][k] for k in keys}, run_id
+
+def test_cnmc_protocols_are_the_published_ones():
+    "Random image split, balancing, border crop, CLAHE for the scratch CNN, MLP heads, VGG16 chopped, pretrained only where published."
+    lb, mn = (load_study_config(STUDIES/f'{n}.json') for n in ('cnmc_landi_baldi_cioffo', 'cnmc_mir_nissa'))
+    assert lb['split_by'] == mn['split_by'] == 'image' and lb['ratios'] == [3, 1, 1]
+    runs = {r['arch']: r for r in study_runs(lb)}
+    assert set(runs) == {'cnn_scratch', 'vgg16', 'vgg16_chopped', 'resnet50', 'resnet50_chopped', 'mobilenetv2'}
+    assert [runs[a]['pretrained'] for a in runs] == [a != 'cnn_scratch' for a in runs]   # one run per architecture
+    assert runs['cnn_scratch']['train']['colour'] == 'clahe' and runs['cnn_scratch']['train']['size'] == 300
+    assert runs['resnet50_chopped']['train']['head'] == [512] and runs['vgg16']['train']['epochs'] == 0   # VGG16 frozen: head only
+    assert all(r['train']['balance'] == 3198 and r['train']['crop_border'] for r in runs.values())
+    m = {r['arch']: r['train'] for r in study_runs(mn)}
+    assert m['cnn_scratch']['opt'] == 'sgd' and m['cnn_scratch']['lr'] == 2e-4 and m['inception_v3']['centre_crop'] == 400
+    ry = load_study_config(STUDIES/'ryba_2021.json')
+    t = {r['arch']: r['train'] for r in study_runs(ry)}
+    assert t['resnet18']['recipe'] == 'gradual' and t['vit_large_patch16_224']['label_smoothing'] == 0.1 and t['vit_base_patch16_224']['mixup']
+
+def test_study_split_by_image_mixes_subjects(tmp_path, data_root):
+    "split_by='image' reproduces the published C-NMC split: subjects on both sides; 'subject' keeps them apart."
+    base = dict(name='c', dataset='cnmc', sizes=dict(all=1.0), ratios=[3, 1, 1], archs=['lenet5'], pretrained=[False], train=dict(size=32))
+    by = {s: S.study_splits(load_study_config({**base, 'split_by': s}), tmp_path/s)['all'][0] for s in ('subject', 'image')}
+    crossing = lambda d: len(set(d.subject_id[d.split == 'train']) & set(d.subject_id[d.split == 'test']))
+    assert crossing(by['subject']) == 0 and crossing(by['image']) > 0
+    with pytest.raises(StudyError, match="split_by='patient'"): load_study_config({**base, 'split_by': 'patient'})
+
+def test_gpu_script_refuses_a_machine_without_a_gpu(tmp_path):
+    "studies/gpu/run.sh is valid bash and says in one line that it needs a GPU (CI has none); without data it says what to set."
+    import subprocess, os
+    sh = STUDIES/'gpu'/'run.sh'
+    assert subprocess.run(['bash', '-n', sh]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != 'BLOODCELL_DATA'}
+    r = subprocess.run(['bash', sh], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and 'set BLOODCELL_DATA' in r.stderr
+    if torch.cuda.is_available(): pytest.skip('this machine has a GPU')
+    r = subprocess.run(['bash', sh], capture_output=True, text=True, env={**env, 'BLOODCELL_DATA': str(tmp_path), 'PATH': os.path.dirname(os.sys.executable) + os.pathsep + env['PATH']})
+    assert r.returncode != 0 and 'no CUDA GPU here' in r.stderr
+
+def test_test_probs_are_cached_until_the_model_changes(tmp_path, data_root):
+    "run_test_probs predicts once; a new temperature in model.json (a newer file) makes it predict again."
+    import os, time as _t
+    from bloodcell_fastai.export import update_meta
+    run_study(mini_config(sizes=dict(all=1.0), archs=['lenet5']), tmp_path, quiet=True)
+    d = tmp_path/'runs'/'all'/'lenet5-scratch'
+    p1 = S.run_test_probs(d)
+    assert (d/'test_probs.csv').exists() and len(p1) == read_results(tmp_path).n_test.iloc[0]
+    assert np.allclose(p1.iloc[:, 2:].sum(1), 1, atol=1e-4)
+    _t.sleep(0.01); update_meta(d, temperature=5.0); os.utime(d/'model.json')
+    p2 = S.run_test_probs(d)
+    assert not np.allclose(p1.iloc[:, 2:].values, p2.iloc[:, 2:].values)   # softer probabilities at T = 5
+    S.clear_run(d); assert not d.exists()                                  # its cache is one of the run's files
