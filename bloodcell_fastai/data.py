@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from dataclasses import dataclass
 from fastcore.all import *
 from fastcore.parallel import parallel
-from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, Resize,
+from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, Resize, RandomResizedCropGPU,
                                aug_transforms, Normalize, Saturation, Hue, imagenet_stats,
                                PILImage, defaults, set_seed)
 from .core import DataError, atomic_write, cache_dir, data_root, progress_ok
@@ -561,7 +561,7 @@ def cell_tfms(size:int=224, # training image size
               max_hue:float=0.05, # hue jitter, fraction of the colour circle
              )->list:
     "Batch transforms: flips, free rotation, zoom, lighting, saturation and hue jitter, then normalisation."
-    if not aug: return [Normalize.from_stats(*stats)]
+    if not aug: return [RandomResizedCropGPU(size, min_scale=1., ratio=(1., 1.)), Normalize.from_stats(*stats)] # the whole square at `size`, as prediction sees it
     return [*aug_transforms(size=size, flip_vert=True, max_rotate=max_rotate, min_scale=min_scale,
                             max_lighting=max_lighting, max_warp=0., pad_mode='reflection'),
             Saturation(max_lighting=max_lighting), Hue(max_hue=max_hue), Normalize.from_stats(*stats)]

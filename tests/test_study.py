@@ -174,14 +174,14 @@ def shrink(cfg:dict, sample:int=4, pretrained:bool=False)->dict:
     cfg.update(sample=sample, sizes={k: v for k, v in list(cfg['sizes'].items())[-1:]})   # the smallest subset
     if cfg.get('nest') == 'train': cfg['sizes'] = {k: 8 for k in cfg['sizes']}
     if not pretrained: cfg['pretrained'] = [False]
-    cfg['train'] = {**cfg['train'], **small, **({'balance': 8} if cfg['train'].get('balance') else {})}
+    cfg['train'] = {**cfg['train'], **small, **({'balance': 8} if cfg['train'].get('balance') else {}), **({'lr': 1e-3} if cfg['train'].get('lr') is None else {})} # no lr_find: 100 steps of VGG16
     at = cfg.setdefault('arch_train', {})
     for big, small_arch in STAND_INS.items():
         if big in cfg['archs']:
             cfg['archs'] = list(dict.fromkeys(small_arch if a == big else a for a in cfg['archs']))
             if big in at: at[small_arch] = at.pop(big)
     for a, t in at.items():
-        t.update({k: v for k, v in small.items() if k in t}, **({'size': 80} if a.startswith('inception') else {}))
+        t.update({k: v for k, v in small.items() if k in t}, **({'size': 80} if a.startswith('inception') else {}), **({'lr': 1e-3} if 'lr' in t and t['lr'] is None else {}))
         if not pretrained: t.pop('pretrained', None)
     cfg['pretrained_train'] = {**cfg.get('pretrained_train', {}), **{o: small[o] for o in ('epochs', 'freeze_epochs') if cfg.get('pretrained_train', {}).get(o)}}
     return cfg

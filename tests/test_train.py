@@ -316,3 +316,17 @@ def test_constant_schedule_keeps_the_lr_flat(tree, tmp_path):
 @pytest.mark.parametrize('bad,msg', [(dict(opt='lbfgs'), 'choose one of adam, sgd, rmsprop'), (dict(schedule='cosine'), 'choose one of one_cycle, constant, plateau')])
 def test_protocol_options_checked(bad, msg):
     with pytest.raises(ConfigError, match=msg): train_config(**bad)
+
+def test_no_augmentation_trains_on_what_prediction_sees(data_root):
+    "aug=False (Foix Romero: no augmentation) still resizes to the training size, so training, validation and prediction get the same tensors."
+    from bloodcell_fastai.data import load_items, split_items, cell_dataloaders
+    from bloodcell_fastai.export import ModelMeta
+    from bloodcell_fastai.inference import model_inputs
+    df = split_items(load_items('pbc').groupby('label').head(3).reset_index(drop=True), seed=0)
+    stats = ([0.5]*3, [0.225]*3)
+    dls = cell_dataloaders(df, size=32, bs=4, aug=False, num_workers=0, stats=stats)
+    x, _ = dls.train.new(shuffle=False, drop_last=False).one_batch()
+    assert x.shape[-2:] == (32, 32)                                   # not the 40-px presize square
+    rows = dls.items_df[dls.items_df.split == 'train'].reset_index(drop=True).head(4)
+    xi = model_inputs(rows, ModelMeta('resnet18', sorted(df.label.unique()), 32, *stats))
+    assert torch.allclose(x.as_subclass(torch.Tensor)[:4].cpu(), xi[:4].cpu(), atol=1e-4)
