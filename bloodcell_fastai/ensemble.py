@@ -211,7 +211,7 @@ def ga_search_weights(prob_list:list, # m arrays of shape (n, c): the members' v
     if crossover_type not in GA_CROSSOVERS: raise ConfigError(f"crossover_type={crossover_type!r}: choose one of {', '.join(GA_CROSSOVERS)}")
     runs = [_ga_run(P, t, fit, population, generations, crossover, mutation, seed+r, selection, crossover_type) for r in range(max(1, int(restarts)))]
     w, score, _ = max(runs, key=lambda o: o[1]) # the first of the best, so one restart = the plain search
-    history = pd.concat([h.assign(restart=r) for r, (_, _, h) in enumerate(runs)], ignore_index=True)
+    history = runs[0][2] if len(runs) == 1 else pd.concat([h.assign(restart=r) for r, (_, _, h) in enumerate(runs)], ignore_index=True) # a `restart` column only with restarts
     return SearchResult(w, score, history)
 
 # %% ../nbs/07b_ensemble.ipynb #11407850

@@ -277,11 +277,11 @@ def test_present_option():
 
 def test_report_contract_and_json():
     r = evaluate_probs(*make(n=300), CLASSES, n_boot=100)
-    assert list(r) == HEADLINE + ['per_class', 'classes', 'confusion_matrix', 'n_images', 'map_at']
+    assert list(r) == HEADLINE + ['per_class', 'classes', 'confusion_matrix', 'n_images', 'map_at', 'precision_at']
     for m in HEADLINE:
         assert set(r[m]) == {'value', 'ci_low', 'ci_high'}
         assert all(isinstance(v, float) for v in r[m].values())
-    assert set(r['map_at']) == {'5', '100'}
+    assert set(r['map_at']) == set(r['precision_at']) == {'5', '100'}
     assert r['classes'] == CLASSES and r['n_images'] == 300
     assert set(r['per_class']['basophil']) == {'precision', 'recall', 'f1', 'support'}
     s = json.dumps(r, allow_nan=False)
