@@ -25,8 +25,9 @@ __all__ = ['PBC_URL', 'BLOODMNIST_URL', 'DATASETS', 'PBC_PREFIXES', 'CNMC_RE', '
            'NESTS', 'SPLIT_COLS', 'DIHEDRAL', 'DatasetInfo', 'download_dataset', 'get_dataset_path', 'class_root',
            'folder_items', 'pbc_prefix', 'pbc_items', 'cnmc_subject', 'cnmc_items', 'allidb2_items', 'bloodmnist_items',
            'dataset_for', 'load_items', 'inspect_file', 'parent_label', 'audit', 'audit_summary', 'add_groups',
-           'split_items', 'study_subsets', 'save_split', 'load_split', 'presize', 'colour_for', 'balance_items',
-           'load_cell', 'split_column', 'cell_tfms', 'cell_block', 'presize_for', 'cell_dataloaders', 'heldout_dl']
+           'grouped', 'split_items', 'study_subsets', 'save_split', 'load_split', 'presize', 'colour_for',
+           'balance_items', 'load_cell', 'split_column', 'cell_tfms', 'cell_block', 'presize_for', 'cell_dataloaders',
+           'heldout_dl']
 
 # %% ../nbs/02_data.ipynb #4726029e
 @dataclass
@@ -370,6 +371,13 @@ def _split_groups(g:pd.DataFrame, frac:float, seed:int):
 
 SPLIT_BY = ('subject', 'image') # keep each subject (and identical copies) in one split, or only identical copies (the published C-NMC random split)
 
+def grouped(df:pd.DataFrame, # items with a `file` column
+            by:str='subject', # 'subject': a group per subject and its copies (an existing `group` column is kept); 'image': copies only
+           )->pd.DataFrame:
+    "`df` with the `group` column a split keeps whole."
+    if by=='image': return add_groups(df.drop(columns=['group'], errors='ignore'), subject_col=None)
+    return add_groups(df) if 'group' not in df else df.copy()
+
 def split_items(df:pd.DataFrame, # items table
                 valid_pct:float=0.2, # fraction of images for validation
                 test_pct:float=0.2, # fraction of images held out for testing
@@ -380,8 +388,7 @@ def split_items(df:pd.DataFrame, # items table
     "Seeded, stratified train/valid/test split in which no group (subject, identical copies) spans two splits."
     if by not in SPLIT_BY: raise DataError(f"by={by!r}: choose one of {', '.join(SPLIT_BY)}")
     if keep_official and 'split' in df and df.split.notna().all(): return df.copy()
-    if by=='image': df = add_groups(df.drop(columns=['group'], errors='ignore'), subject_col=None)
-    else: df = add_groups(df) if 'group' not in df else df.copy()
+    df = grouped(df, by)
     g = df.groupby('group').label.agg(lambda s: s.mode().iloc[0]).reset_index()
     test = _split_groups(g, test_pct, seed)
     rest = g[~g.group.isin(test)]
@@ -404,8 +411,7 @@ def study_subsets(df:pd.DataFrame, # items table
     sizes = sizes or STUDY_SIZES
     if nest not in NESTS: raise DataError(f"nest={nest!r}: choose one of {', '.join(NESTS)}")
     if by not in SPLIT_BY: raise DataError(f"by={by!r}: choose one of {', '.join(SPLIT_BY)}")
-    if by=='image': df = add_groups(df.drop(columns=['group'], errors='ignore'), subject_col=None)
-    elif 'group' not in df: df = add_groups(df)
+    df = grouped(df, by)
     tot = sum(ratios)
     split = lambda d: split_items(d.drop(columns=['split'], errors='ignore'), valid_pct=ratios[1]/tot, test_pct=ratios[2]/tot, seed=seed, keep_official=False, by=by)
     full = split(df) if nest=='train' else None

@@ -4,16 +4,16 @@
 
 # %% ../nbs/07d_study.ipynb #85d3149b
 from __future__ import annotations
-import os, json, time, shutil, hashlib
+import os, json, time, shutil, hashlib, gzip
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import ConfigError, DataError, atomic_write, jsonable, cache_dir
 from .data import load_items, load_split, save_split, study_subsets, STUDY_SIZES, NESTS, SPLIT_BY
 from .models import get_arch
 from .train import train, train_config, TRAIN_DEFAULTS
-from .export import load_safe
+from .export import load_safe, labelled_items
 from .inference import predict_probs, prepare_items
-from .metrics import mean_average_precision_at_n, mean_precision_at_n
+from .metrics import mean_average_precision_at_n, mean_precision_at_n, encode_targets
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'STUDY_DEFAULTS', 'REPO_RAW', 'PAPER_METRICS', 'quick_mode', 'split_key', 'train_on_split', 'read_record',
@@ -433,8 +433,7 @@ def run_test_probs(run_dir:Path|str, # a finished run folder
     if fn.exists() and fn.stat().st_mtime >= max((d/f).stat().st_mtime for f in ('model.json', 'model.safetensors')): # newer than the model (and its temperature)
         return pd.read_csv(fn)
     model, meta = load_safe(run_dir)
-    rows = load_split(Path(run_dir)/'split.csv')
-    rows = rows[rows.split=='test'].drop_duplicates('file').reset_index(drop=True)
+    rows = labelled_items(run_dir, split='test')
     df = pd.concat([rows[['file', 'label']], pd.DataFrame(predict_probs(model, meta, prepare_items(rows, meta), bs), columns=meta.classes)], axis=1)
     atomic_write(fn, df.to_csv(index=False))
     return df
@@ -450,12 +449,9 @@ def export_results(config, # config file, name in studies/, or dict
     if not len(res): raise StudyError(f"{out} holds no finished run of {cfg['name']}: run `bloodcell study {cfg['name']}` first")
     hist = pd.concat([pd.DataFrame(read_record(out/d)['history']).assign(run_id=i) for i, d in zip(res.run_id, res.run_dir)], ignore_index=True)
     probs = pd.concat([run_test_probs(out/d).drop(columns='file').assign(run_id=i) for i, d in zip(res.run_id, res.run_dir)], ignore_index=True)
-    dest.mkdir(parents=True, exist_ok=True)
-    files = [atomic_write(dest/'results.csv', res.drop(columns=['run_dir', 'device'], errors='ignore').to_csv(index=False)),
-             atomic_write(dest/'history.csv', hist.to_csv(index=False))]
-    tmp = dest/f'.test_probs.tmp{os.getpid()}.csv.gz'
-    probs.round(4).to_csv(tmp, index=False, compression='gzip'); os.replace(tmp, dest/'test_probs.csv.gz')
-    return files + [dest/'test_probs.csv.gz']
+    return [atomic_write(dest/'results.csv', res.drop(columns=['run_dir', 'device'], errors='ignore').to_csv(index=False)),
+            atomic_write(dest/'history.csv', hist.to_csv(index=False)),
+            atomic_write(dest/'test_probs.csv.gz', gzip.compress(probs.round(4).to_csv(index=False).encode(), mtime=0))]
 
 def load_results(dest:Path|str, # a folder written by `export_results`
                 )->tuple:
@@ -486,7 +482,7 @@ def _probs_of(probs:pd.DataFrame, r:str)->tuple:
     "`(P, targets, classes)` of one run in an exported probability table."
     d = probs[probs.run_id==r].dropna(axis=1, how='all')
     classes = [c for c in d.columns if c not in ('label', 'run_id')]
-    return d[classes].values, d.label.astype(str).map({c:i for i,c in enumerate(classes)}).values, classes
+    return d[classes].values, encode_targets(d.label.astype(str), classes), classes
 
 def plot_confusion_grid(probs:pd.DataFrame, # from `load_results`
                         runs:list=None, # run ids, e.g. one per configuration x size; default all
