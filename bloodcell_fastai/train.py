@@ -27,9 +27,9 @@ from .evaluate import evaluate_split
 
 # %% auto #0
 __all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'OPTIMIZERS', 'SCHEDULES', 'PRETRAINED_DEFAULTS', 'TINY', 'train_config',
-           'resolve_precision', 'run_precision', 'CPUAutocast', 'precision_callbacks', 'gradual_schedule',
-           'recipe_stages', 'RunCheckpoint', 'History', 'load_checkpoint_state', 'run_items', 'run_stats',
-           'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr', 'fit_head_cached', 'run_stages',
+           'check_progressive', 'resolve_precision', 'run_precision', 'CPUAutocast', 'precision_callbacks',
+           'gradual_schedule', 'recipe_stages', 'RunCheckpoint', 'History', 'load_checkpoint_state', 'run_items',
+           'run_stats', 'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr', 'fit_head_cached', 'run_stages',
            'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed', 'is_rank0', 'env_info', 'model_meta',
            'train', 'tiny_run']
 
@@ -43,7 +43,7 @@ TRAIN_DEFAULTS = dict(
     monitor='valid_loss', patience=None, min_delta=0., save_best=False, export_pickle=False, num_workers=None,
     opt='adam', mom=None, schedule='one_cycle', plateau_patience=10, plateau_factor=0.1, plateau_min_delta=0.,
     **{k: inspect.signature(cell_tfms).parameters[k].default for k in TFM_OPTIONS},
-    cell_crop=None, colour=None, robust_aug=False, ood_score='feature_stats', ood_pct=95.)
+    cell_crop=None, colour=None, robust_aug=False, ood_score='feature_stats', ood_pct=95., progressive=None)
 
 RECIPES = ('scratch', 'fine_tune', 'gradual', 'all_at_once')
 OPTIMIZERS = ('adam', 'sgd', 'rmsprop') # fastai's Adam (its default), SGD and RMSProp; `mom` sets SGD's momentum (default 0, as published)
@@ -72,6 +72,7 @@ def train_config(**kwargs)->dict:
         raise ConfigError(f"centre_crop={cfg['centre_crop']!r}: give the side of the central square in pixels, e.g. 352")
     if cfg['recipe'] is None: cfg['recipe'] = 'fine_tune' if cfg['pretrained'] or cfg['weights'] else 'scratch'
     if cfg['recipe'] not in RECIPES: raise ConfigError(f"recipe={cfg['recipe']!r}: choose one of {', '.join(RECIPES)}")
+    if cfg['progressive'] is not None: cfg['progressive'] = check_progressive(cfg)
     if cfg['mixup'] and cfg['cutmix']: raise ConfigError("Choose MixUp or CutMix, not both")
     if cfg['opt'] not in OPTIMIZERS: raise ConfigError(f"opt={cfg['opt']!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg['schedule'] not in SCHEDULES: raise ConfigError(f"schedule={cfg['schedule']!r}: choose one of {', '.join(SCHEDULES)}")
@@ -88,6 +89,17 @@ def train_config(**kwargs)->dict:
     except KeyError as e: raise ConfigError(str(e).strip('"\'')) from None
     return cfg
 
+# %% ../nbs/06_train.ipynb #5bb66ef2
+def check_progressive(cfg:dict, # run configuration, recipe resolved
+                     )->list:
+    "`cfg['progressive']` as `[start size, epochs at it]`, refused unless it fits the run (a CNN, fine_tune, smaller, fewer)."
+    p = cfg['progressive']
+    p = [int(v) for v in (p.split(',') if isinstance(p, str) else p)]
+    if len(p)!=2 or not 0 < p[0] < cfg['size'] or not 0 < p[1] < cfg['epochs'] or cfg['recipe'] not in ('fine_tune','all_at_once') or get_arch(cfg['arch']).fixed_size:
+        raise ConfigError(f"progressive={cfg['progressive']!r}: give [start size, epochs at it], below size={cfg['size']} and epochs={cfg['epochs']}, "
+                          f"for a CNN trained with recipe fine_tune (got {cfg['recipe']!r}, {cfg['arch']!r})")
+    return p
+
 # %% ../nbs/06_train.ipynb #a26b86ff
 def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
                       cpu_bf16:bool=False, # let 'auto' pick bf16 on a CPU with native bf16 (fine-tuning pretrained weights)
@@ -99,8 +111,8 @@ def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
 
 def run_precision(cfg:dict, # run configuration
                  )->str:
-    "The precision a run trains in: `resolve_precision`, with bf16 on native-bf16 CPUs for runs from pretrained weights."
-    return resolve_precision(cfg['precision'], cpu_bf16=bool(cfg['pretrained'] or cfg['weights']))
+    "The precision a run trains in: `resolve_precision`, with bf16 on native-bf16 CPUs for runs from pretrained weights of an arch it speeds up."
+    return resolve_precision(cfg['precision'], cpu_bf16=bool(cfg['pretrained'] or cfg['weights']) and get_arch(cfg['arch']).cpu_bf16)
 
 # %% ../nbs/06_train.ipynb #80b133b4
 class CPUAutocast(Callback):
@@ -142,13 +154,16 @@ def recipe_stages(cfg:dict, # run configuration
                   n_groups:int, # parameter groups of the model
                   lr:float, # base learning rate (head / whole model)
                  )->list:
-    "The stages of `cfg['recipe']`: dicts of name, freeze_to, epochs, lr (a float or (lo, hi))."
+    "The stages of `cfg['recipe']`: dicts of name, freeze_to, epochs, lr (a float or (lo, hi)), and size when it changes."
     r, e, fe, m = cfg['recipe'], cfg['epochs'], cfg['freeze_epochs'], cfg['lr_mult']
     if r=='scratch': return [dict(name='all', freeze_to=None, epochs=e, lr=lr)]
     head = dict(name='head', freeze_to=-1, epochs=fe, lr=lr)
     if cfg.get('cached_head'): head = dict(head, epochs=0) # the head was fitted on cached features (`fit_head_cached`)
     if r in ('fine_tune','all_at_once'):
-        return [head, dict(name='all', freeze_to=None, epochs=e, lr=(lr/2/m, lr/2))]
+        every = dict(name='all', freeze_to=None, epochs=e, lr=(lr/2/m, lr/2))
+        if not cfg.get('progressive'): return [head, every]
+        s0, e0 = cfg['progressive'] # fastai's progressive resizing: the first epochs at a smaller size, then a new cycle at `size`
+        return [dict(head, size=s0), dict(every, name=f'all@{s0}', epochs=e0, size=s0), dict(every, epochs=e-e0, size=cfg['size'])]
     sched = gradual_schedule(n_groups, cfg['gradual_steps'])[1:]
     per = [e//len(sched) + (1 if i < e%len(sched) else 0) for i in range(len(sched))]
     return [head] + [dict(name='all' if f is None else f'freeze_to({f})', freeze_to=f, epochs=max(1,n),
@@ -327,6 +342,7 @@ def run_stages(learn, # the run's learner
             if i<prog['stage']: secs.append(None); continue # done before the interruption
             if i==prog['stage']: start = prog['epoch']+1
             if start>=s['epochs']: secs.append(None); continue
+        if 'size' in s and s['size']!=getattr(learn.dls, 'size', None): learn.dls = run_dataloaders(learn.dls.items_df, {**cfg, 'size': s['size']})
         if s['freeze_to'] is None: learn.unfreeze()
         else: learn.freeze_to(s['freeze_to'])
         lr_s = slice(*s['lr']) if isinstance(s['lr'], (tuple,list)) else s['lr']
@@ -423,7 +439,7 @@ def train(run_dir:Path|str, # folder to write the run into
                   split_source=str(split_csv) if split_csv else 'drawn', world_size=max(1, num_distrib()), status='training', started=time.strftime('%Y-%m-%dT%H:%M:%S'))
     if rank0: atomic_write(run_dir/'record.json', json.dumps(record, indent=1))
     t0 = time.time()
-    dls = run_dataloaders(df, cfg)
+    dls = run_dataloaders(df, {**cfg, 'size': (cfg['progressive'] or [cfg['size']])[0]}) # progressive resizing starts smaller
     learn = run_learner(dls, cfg)
     learn.path, learn.model_dir = run_dir, 'checkpoints'
     stages, rows, secs = run_stages(learn, cfg, run_dir, resume=resume)
@@ -432,6 +448,7 @@ def train(run_dir:Path|str, # folder to write the run into
         atomic_write(run_dir/'checkpoints'/f'rank{rank_distrib()}.json', json.dumps(dict(
             rank=rank_distrib(), world_size=num_distrib(), train_batches=sum(r.get('train_batches',0) for r in rows))))
         if not rank0: return run_dir
+    dls = learn.dls # the last stage's (progressive resizing swaps them)
     meta = model_meta(learn, cfg, dls)
     learn.model.eval()
     model = learn.model.to(memory_format=torch.contiguous_format)

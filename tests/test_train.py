@@ -330,3 +330,28 @@ def test_no_augmentation_trains_on_what_prediction_sees(data_root):
     rows = dls.items_df[dls.items_df.split == 'train'].reset_index(drop=True).head(4)
     xi = model_inputs(rows, ModelMeta('resnet18', sorted(df.label.unique()), 32, *stats))
     assert torch.allclose(x.as_subclass(torch.Tensor)[:4].cpu(), xi[:4].cpu(), atol=1e-4)
+
+
+def test_progressive_resizing_trains_each_stage_at_its_size_and_resumes_at_it(tree, ckpt, tmp_path, monkeypatch):
+    "progressive=[24, 2]: the head and first cycle see 24-px batches, the last cycle 32-px ones, also after an interruption inside it."
+    import bloodcell_fastai.train as T
+    orig_fit, sizes = T.Learner.fit_one_cycle, []
+    class SizeSpy(Callback):
+        order = 99                                                      # after the epoch's checkpoint
+        def __init__(self, crash): self.crash = crash
+        def before_batch(self):
+            if self.training: sizes.append(self.xb[0].shape[-1])
+        def after_epoch(self):
+            if self.crash and sizes[-1] == 32: raise KeyboardInterrupt  # a crash in the first 32-px epoch
+    spy = lambda crash: lambda self, n, lr=None, cbs=None, **kw: orig_fit(self, n, lr, cbs=(cbs or []) + [SizeSpy(crash)], **kw)
+    monkeypatch.setattr(T.Learner, 'fit_one_cycle', spy(True))
+    opts = dict(data=str(tree), arch='lenet5', weights=str(ckpt), epochs=4, progressive=[24, 2], ood_score=None, **FOLDER_RUN)
+    with pytest.raises(KeyboardInterrupt): train(tmp_path/'r', **opts)
+    assert sizes[0] == 24 and sizes[-1] == 32
+    monkeypatch.setattr(T.Learner, 'fit_one_cycle', spy(False)); sizes.clear()
+    r = train(tmp_path/'r', resume=True)
+    rec = json.loads((r/'record.json').read_text())
+    assert set(sizes) == {32} and rec['status'] == 'done'               # resumed in the 32-px stage
+    assert [(s['name'], s.get('size')) for s in rec['stages']] == [('head', 24), ('all@24', 24), ('all', 32)]
+    assert [h['stage'] for h in rec['history']] == ['head', 'all@24', 'all@24', 'all', 'all']
+    assert json.loads((r/'model.json').read_text())['size'] == 32
