@@ -30,11 +30,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/bloodcell demo --out runs/demo
 
-## make model: train the shipped model (the recipe of benchmarks/TIME_TO_ACCURACY.md with the other-lab winner of benchmarks/OTHERLAB.md, on the PBC half,
-## see its model card for how long it took) and write it to models/pbc_lite0 with its model card
+## make model: train the shipped model (bloodcell train's recipe, cli.PRETRAINED_RECIPE: the winner of benchmarks/TIME_TO_ACCURACY.md with the
+## other-lab options of benchmarks/OTHERLAB.md, on the PBC half; its model card says how long it took) and write it to models/pbc_lite0
 MODEL_RUN ?= runs/model_pbc_lite0
 model: venv
-	$(BIN)/bloodcell train --out $(MODEL_RUN) --dataset pbc --arch efficientnet_lite0 --pretrained --size 128 --epochs 6 --lr 2e-3 --bs 32 --seed 42 --cell-crop 0.5 --colour reinhard
+	$(BIN)/bloodcell train --out $(MODEL_RUN) --dataset pbc --pretrained --seed 42 --num-workers 0
 	$(PY) tools/ship_model.py $(MODEL_RUN) models/pbc_lite0 --make-command "make model"
 
 ## make test: library in sync with notebooks, notebooks clean, imports point down the layers, nbdev_test, pytest, docs

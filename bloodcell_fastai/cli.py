@@ -24,7 +24,7 @@ from .study import load_study_config, run_study, study_results, study_table, stu
 from .app import voila_command, app_env
 
 # %% auto #0
-__all__ = ['OTHERLAB_DEFAULTS', 'COMMANDS', 'bloodcell_audit', 'bloodcell_train', 'bloodcell_evaluate', 'adapted_model',
+__all__ = ['PRETRAINED_RECIPE', 'COMMANDS', 'bloodcell_audit', 'bloodcell_train', 'bloodcell_evaluate', 'adapted_model',
            'bloodcell_predict', 'bloodcell_adapt', 'bloodcell_interpret', 'bloodcell_ensemble', 'bloodcell_study',
            'bloodcell_app', 'bloodcell_models', 'bloodcell_demo', 'command_parser', 'main']
 
@@ -54,7 +54,9 @@ def bloodcell_audit(path:str, # folder to audit, or a dataset name (pbc, cnmc, a
     return a
 
 # %% ../nbs/09_cli.ipynb #7af3decf
-OTHERLAB_DEFAULTS = dict(cell_crop=0.5, colour='reinhard') # `bloodcell train --pretrained`: the winner of benchmarks/OTHERLAB.md
+# `bloodcell train` and any `--pretrained` run: the winner of benchmarks/TIME_TO_ACCURACY.md on two CPU cores, with the cell crop
+# and colour normalisation that won benchmarks/OTHERLAB.md; what the command line gives wins
+PRETRAINED_RECIPE = dict(size=160, epochs=9, bs=32, lr=2e-3, cell_crop=0.5, colour='reinhard')
 
 # %% ../nbs/09_cli.ipynb #b0176621
 @call_parse
@@ -62,10 +64,11 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                     data:str=None, # labelled folder, one sub-folder per class; default PBC from $BLOODCELL_DATA, the cache, or a download
                     dataset:str=None, # how to read --data: folder (default with --data), pbc (default without), cnmc, allidb2, bloodmnist
                     arch:str=None, # architecture (see `list_archs()`); default efficientnet_lite0 from ImageNet weights (they install with the project), resnet18 with --scratch
-                    size:int=TRAIN_DEFAULTS['size'], # training image size
-                    epochs:int=TRAIN_DEFAULTS['epochs'], # epochs (of the main stage; gradual: spread over the unfreezing steps)
-                    bs:int=TRAIN_DEFAULTS['bs'], # batch size
-                    lr:float=None, # learning rate; default from lr_find
+                    size:int=None, # training image size (default: the pretrained recipe's 160, from scratch 128)
+                    epochs:int=None, # epochs of the main stage, gradual: spread over the unfreezing steps (default: the pretrained recipe's 9, from scratch 5)
+                    bs:int=None, # batch size (default: the pretrained recipe's 32, from scratch 64)
+                    lr:float=None, # learning rate (default: the pretrained recipe's 2e-3, from scratch lr_find)
+                    progressive:str=None, # progressive resizing: start size and epochs at it, e.g. 96,8 (the rest at --size)
                     pretrained:store_true=False, # start --arch from ImageNet weights (the hub, or an installed weight package offline); implied when --arch is not given
                     scratch:store_true=False, # start from random weights (resnet18 unless --arch), without the other-lab defaults
                     weights:str=None, # start from this local checkpoint (.pth/.safetensors) instead
@@ -89,22 +92,22 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                     patience:int=None, # early stopping patience (epochs) on valid_loss
                     pickle:store_true=False, # also write fastai's learner.pkl (trusted use only)
                     resume:store_true=False, # continue an interrupted run in --out
+                    num_workers:int=None, # DataLoader worker processes (default one per core; 0 loads in the training process)
                    ):
     "Train a model and write a run folder; prints where it wrote what."
     if not out: raise DataError("give the run folder to write: --out RUN_DIR")
     bal = int(balance) if balance and str(balance).isdigit() else balance
     if scratch and (pretrained or weights): raise ConfigError("--scratch starts from random weights: drop --pretrained/--weights, or drop --scratch")
-    pretrained = pretrained or not (scratch or arch or weights) # bare `bloodcell train`: the winner of benchmarks/OTHERLAB.md
+    pretrained = pretrained or not (scratch or arch or weights) # bare `bloodcell train`: `PRETRAINED_RECIPE`
     arch = arch or ('efficientnet_lite0' if pretrained else TRAIN_DEFAULTS['arch'])
-    if pretrained: # the other-lab winner of benchmarks/OTHERLAB.md, unless given
-        cell_crop = OTHERLAB_DEFAULTS['cell_crop'] if cell_crop is None else cell_crop
-        colour = OTHERLAB_DEFAULTS['colour'] if colour is None else colour
-    cell_crop, colour = cell_crop or None, None if colour in (None, 'none') else colour
-    run = train(out, resume=resume, dataset=dataset, data=data, arch=arch, size=size, epochs=epochs, bs=bs, lr=lr,
+    given = {k:v for k,v in dict(size=size, epochs=epochs, bs=bs, lr=lr, cell_crop=cell_crop, colour=colour, progressive=progressive).items() if v is not None}
+    o = {**(PRETRAINED_RECIPE if pretrained else {}), **given} # from scratch: `TRAIN_DEFAULTS`
+    o.update(cell_crop=o.get('cell_crop') or None, colour=None if o.get('colour') in (None, 'none') else o['colour']) # 0 and none: off
+    run = train(out, resume=resume, dataset=dataset, data=data, arch=arch, **o,
                 pretrained=bool(pretrained), weights=weights, recipe=recipe, mixup=mixup, cutmix=cutmix,
                 label_smoothing=label_smoothing, labels=labels, sample=sample, seed=seed, precision=precision,
                 balance=bal, crop_border=crop_border, pad=pad, patience=patience, export_pickle=pickle,
-                cell_crop=cell_crop, colour=colour, robust_aug=robust_aug, ood_score=None if no_ood else ood_score,
+                robust_aug=robust_aug, ood_score=None if no_ood else ood_score, num_workers=num_workers,
                 **(dict(cached_head=False, freeze_bn=False, lr_mult=100) if plain_fine_tune else {}))
     if not is_rank0(): return run # under torchrun/accelerate only rank 0 reports
     rec = json.loads((Path(run)/'record.json').read_text())
@@ -303,10 +306,10 @@ def bloodcell_models(folders:Param("more folders holding run folders", str, opt=
 def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
                    per_class:int=300, # images per class drawn from the data (keeps the CPU demo to a few minutes)
                    arch:str='efficientnet_lite0', # architecture; its ImageNet weights install with the project
-                   size:int=128, # training image size
+                   size:int=None, # training image size (default: `PRETRAINED_RECIPE`'s)
                    seed:int=42, # random seed
-                   epochs:int=5, # training epochs after the cached-feature head
-                   lr:float=2e-3, # learning rate (given, so the demo skips lr_find)
+                   epochs:int=None, # training epochs after the cached-feature head (default: `PRETRAINED_RECIPE`'s)
+                   lr:float=None, # learning rate (default: `PRETRAINED_RECIPE`'s)
                   ):
     "Run the main job end to end on a PBC sample: audit, split, presize, show a batch, fine-tune from ImageNet weights, evaluate."
     import matplotlib; matplotlib.use('Agg')
@@ -321,11 +324,11 @@ def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
     items = items.sample(frac=1, random_state=seed).groupby('label').head(per_class).sort_index()
     df = split_items(items, seed=seed)
     h = save_split(df, out/'split.csv'); print(f"wrote {out/'split.csv'} (md5 {h[:8]}; {df.split.value_counts().to_dict()})")
-    dls = cell_dataloaders(df, size=size, bs=32, seed=seed)
+    dls = cell_dataloaders(df, size=size or PRETRAINED_RECIPE['size'], bs=PRETRAINED_RECIPE['bs'], seed=seed)
     dls.show_batch(max_n=16, nrows=4)
     plt.savefig(out/'figures'/'batch.png', dpi=80, bbox_inches='tight'); plt.close('all')
     print(f"wrote {out/'figures'/'batch.png'}")
-    run = bloodcell_train(out=str(out/'run'), dataset='pbc', sample=per_class, arch=arch, pretrained=True, size=size, epochs=epochs, bs=32, lr=lr, seed=seed)
+    run = bloodcell_train(out=str(out/'run'), dataset='pbc', sample=per_class, arch=arch, pretrained=True, size=size, epochs=epochs, lr=lr, seed=seed)
     bloodcell_evaluate(str(out/'run'), json=str(out/'run'/'test_metrics.json'))
     return out
 

@@ -100,12 +100,12 @@ def test_colour_bad_option():
 
 @pytest.mark.parametrize('args,want', [(['--pretrained'], (0.5, 'reinhard')),
                                        (['--pretrained', '--cell-crop', '0', '--colour', 'none'], (None, None)),
-                                       (['--pretrained', '--colour', 'grey'], (0.5, 'grey')),
+                                       (['--pretrained', '--colour', 'grey', '--epochs', '3'], (0.5, 'grey')),
                                        ([], (0.5, 'reinhard')),
                                        (['--scratch'], (None, None)),
-                                       (['--arch', 'resnet18'], (None, None))])
-def test_train_cli_other_lab_defaults(monkeypatch, tmp_path, args, want):
-    "A bare `bloodcell train` (and any `--pretrained`) frames the cell and normalises colour (benchmarks/OTHERLAB.md's winner); both can be turned off; scratch runs are unchanged."
+                                       (['--arch', 'resnet18', '--lr', '0.01'], (None, None))])
+def test_train_cli_recipe_defaults(monkeypatch, tmp_path, args, want):
+    "A bare `bloodcell train` (and any `--pretrained`) runs `PRETRAINED_RECIPE` (TIME_TO_ACCURACY's and OTHERLAB's winners); what is given wins; scratch runs keep `TRAIN_DEFAULTS`."
     import bloodcell_fastai.cli as cli
     seen = {}
     def fake_train(out, **kw): seen.update(kw); raise DataError('stop here')
@@ -114,6 +114,9 @@ def test_train_cli_other_lab_defaults(monkeypatch, tmp_path, args, want):
     assert (seen['cell_crop'], seen['colour']) == want
     pretrained = '--scratch' not in args and '--arch' not in args
     assert (seen['pretrained'], seen['arch']) == (pretrained, 'efficientnet_lite0' if pretrained else 'resnet18')
+    given = {a[2:]: float(v) for a, v in zip(args, args[1:]) if a in ('--epochs', '--lr')}
+    recipe = {k: cli.PRETRAINED_RECIPE[k] for k in ('size', 'epochs', 'bs', 'lr')} if pretrained else {}
+    assert {k: seen[k] for k in ('size', 'epochs', 'bs', 'lr') if k in seen} == {**recipe, **given}  # scratch: train_config fills in TRAIN_DEFAULTS
 
 def test_train_cli_scratch_with_weights_is_refused(tmp_path, capsys):
     from bloodcell_fastai.cli import main
