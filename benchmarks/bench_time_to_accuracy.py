@@ -29,6 +29,8 @@ CANDIDATES = {  # name: (what it is, train options)
                     dict(arch='efficientnet_lite0', pretrained=True, size=128, epochs=12, lr=2e-3, bs=32, precision='fp32', num_workers=0, cell_crop=0.5, colour='reinhard')),
     'lite0_crop_ft160_fp32_e9': ("EfficientNet-Lite0 ImageNet, cell crop 0.5 + Reinhard, cached-feature head, frozen BN stats, fine-tune all, 160 px, fp32 channels-last, no loader workers, 9 epochs",
                     dict(arch='efficientnet_lite0', pretrained=True, size=160, epochs=9, lr=2e-3, bs=32, precision='fp32', num_workers=0, cell_crop=0.5, colour='reinhard')),
+    'lite0_crop_prog128to192_e9': ("EfficientNet-Lite0 ImageNet, cell crop 0.5 + Reinhard, cached-feature head, frozen BN stats, progressive resizing: 7 epochs at 128 px, then 2 at 192 px, fp32 channels-last, no loader workers",
+                    dict(arch='efficientnet_lite0', pretrained=True, size=192, epochs=9, progressive=[128, 7], lr=2e-3, bs=32, precision='fp32', num_workers=0, cell_crop=0.5, colour='reinhard')),
     'resnet18_scratch128': ("baseline: today's default, ResNet-18 from scratch, 128 px, fp32, lr_find, 5 epochs",
                             dict(arch='resnet18', size=128, epochs=5)),
 }

@@ -68,7 +68,7 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
                     epochs:int=None, # epochs of the main stage, gradual: spread over the unfreezing steps (default: the pretrained recipe's 9, from scratch 5)
                     bs:int=None, # batch size (default: the pretrained recipe's 32, from scratch 64)
                     lr:float=None, # learning rate (default: the pretrained recipe's 2e-3, from scratch lr_find)
-                    progressive:str=None, # progressive resizing: start size and epochs at it, e.g. 96,8 (the rest at --size)
+                    progressive:str=None, # progressive resizing: start size and epochs at it, e.g. 128,7 (the rest at --size)
                     pretrained:store_true=False, # start --arch from ImageNet weights (the hub, or an installed weight package offline); implied when --arch is not given
                     scratch:store_true=False, # start from random weights (resnet18 unless --arch), without the other-lab defaults
                     weights:str=None, # start from this local checkpoint (.pth/.safetensors) instead
@@ -304,7 +304,7 @@ def bloodcell_models(folders:Param("more folders holding run folders", str, opt=
 # %% ../nbs/09_cli.ipynb #c87042ea
 @call_parse
 def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
-                   per_class:int=300, # images per class drawn from the data (keeps the CPU demo to a few minutes)
+                   per_class:int=300, # images per class drawn from the data (keeps the demo to about 10 minutes on 2 CPU cores)
                    arch:str='efficientnet_lite0', # architecture; its ImageNet weights install with the project
                    size:int=None, # training image size (default: `PRETRAINED_RECIPE`'s)
                    seed:int=42, # random seed
