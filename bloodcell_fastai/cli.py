@@ -130,10 +130,11 @@ def bloodcell_evaluate(run_dir:str, # run folder (with model.safetensors and mod
                        split:str=None, # evaluate only this split (default: test of the run's split.csv, all of --data)
                        restrict_classes:store_true=False, # also report with predictions restricted to the data's classes
                        n_boot:int=1000, # bootstrap resamples for the 95% CIs
+                       tta:store_true=False, # score predictions with test-time augmentation (as `predict --tta`), seeded
                       ):
     "Accuracy, balanced accuracy, kappa, F1, ROC AUC, ECE (with 95% CIs), per-class scores and confusion matrix."
     import json as _json
-    rep = evaluate_run(run_dir, data=data, dataset=dataset, split=split, restrict_classes=restrict_classes, n_boot=n_boot)
+    rep = evaluate_run(run_dir, data=data, dataset=dataset, split=split, restrict_classes=restrict_classes, n_boot=n_boot, n_tta=4 if tta else 0)
     print(f"{rep['n_images']} images, classes {', '.join(rep['classes'])}")
     print(metrics_table(rep).round(4).to_string())
     if 'restricted' in rep:

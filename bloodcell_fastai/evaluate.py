@@ -6,6 +6,7 @@
 from __future__ import annotations
 from pathlib import Path
 import numpy as np, pandas as pd
+from fastai.torch_core import set_seed
 from .metrics import evaluate_probs
 from .export import ModelMeta, load_safe, labelled_items
 from .inference import prepare_items, predict_probs
@@ -34,11 +35,14 @@ def evaluate_run(run_dir:Path|str, # run folder
                  restrict_classes:bool=False, # also report with predictions restricted to the data's classes
                  n_boot:int=1000, # bootstrap resamples for the CIs
                  bs:int=64, # batch size
+                 n_tta:int=0, # augmented passes averaged with the plain one (test-time augmentation, as `predict --tta`)
+                 seed:int=0, # seed of the augmented passes, so a TTA figure can be reproduced
                 )->dict:
     "Metrics (with bootstrap CIs) of a run's model on labelled data, on the classes the data share with the model."
     model, meta = load_safe(run_dir)
     df = labelled_items(run_dir, data, dataset, split=split or ('test' if data is None else None))
-    probs = predict_probs(model, meta, prepare_items(df, meta, on_error='raise'), bs=bs)
+    if n_tta: set_seed(seed)
+    probs = predict_probs(model, meta, prepare_items(df, meta, on_error='raise'), bs=bs, n_tta=n_tta)
     labels, classes = df.label.tolist(), list(meta.classes)
     shared = [c for c in classes if c in set(labels)]
     rep = (evaluate_probs(probs, labels, classes, n_boot=n_boot) if shared==classes else

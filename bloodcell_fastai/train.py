@@ -26,12 +26,12 @@ from .calibrate import calibrate_ood
 from .evaluate import evaluate_split
 
 # %% auto #0
-__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'OPTIMIZERS', 'SCHEDULES', 'PRETRAINED_DEFAULTS', 'TINY', 'train_config',
-           'check_progressive', 'resolve_precision', 'run_precision', 'CPUAutocast', 'precision_callbacks',
-           'gradual_schedule', 'recipe_stages', 'RunCheckpoint', 'History', 'load_checkpoint_state', 'run_items',
-           'run_stats', 'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr', 'fit_head_cached', 'run_stages',
-           'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed', 'is_rank0', 'env_info', 'model_meta',
-           'train', 'tiny_run']
+__all__ = ['TFM_OPTIONS', 'TRAIN_DEFAULTS', 'RECIPES', 'OPTIMIZERS', 'SCHEDULES', 'PRETRAINED_DEFAULTS', 'TINY',
+           'check_progressive', 'train_config', 'resolve_precision', 'run_precision', 'CPUAutocast',
+           'precision_callbacks', 'gradual_schedule', 'recipe_stages', 'RunCheckpoint', 'History',
+           'load_checkpoint_state', 'run_items', 'run_stats', 'run_dataloaders', 'FreezeBN', 'run_learner', 'find_lr',
+           'fit_head_cached', 'run_stages', 'DeviceDistributedDL', 'DeviceDistributedTrainer', 'distributed',
+           'is_rank0', 'env_info', 'model_meta', 'train', 'tiny_run']
 
 # %% ../nbs/06_train.ipynb #abaec403
 TFM_OPTIONS = ('aug', 'min_scale', 'max_rotate', 'max_lighting', 'max_hue') # options of `cell_tfms` a run sets (aug=False: none, as in Foix Romero 2022)
@@ -50,6 +50,17 @@ OPTIMIZERS = ('adam', 'sgd', 'rmsprop') # fastai's Adam (its default), SGD and R
 SCHEDULES = ('one_cycle', 'constant', 'plateau') # fastai's one-cycle policy; a constant lr; constant with ReduceLROnPlateau
 # `pretrained=True`: the recipe that won benchmarks/TIME_TO_ACCURACY.md on CPUs (options given explicitly win)
 PRETRAINED_DEFAULTS = dict(cached_head=True, freeze_bn=True, lr_mult=10)
+
+# %% ../nbs/06_train.ipynb #5bb66ef2
+def check_progressive(cfg:dict, # run configuration, recipe resolved
+                     )->list:
+    "`cfg['progressive']` as `[start size, epochs at it]`, refused unless it fits the run (a CNN, fine_tune, smaller, fewer)."
+    p = cfg['progressive']
+    p = [int(v) for v in (p.split(',') if isinstance(p, str) else p)]
+    if len(p)!=2 or not 0 < p[0] < cfg['size'] or not 0 < p[1] < cfg['epochs'] or cfg['recipe'] not in ('fine_tune','all_at_once') or get_arch(cfg['arch']).fixed_size:
+        raise ConfigError(f"progressive={cfg['progressive']!r}: give [start size, epochs at it], below size={cfg['size']} and epochs={cfg['epochs']}, "
+                          f"for a CNN trained with recipe fine_tune (got {cfg['recipe']!r}, {cfg['arch']!r})")
+    return p
 
 # %% ../nbs/06_train.ipynb #6c2555b8
 def train_config(**kwargs)->dict:
@@ -88,17 +99,6 @@ def train_config(**kwargs)->dict:
     try: get_arch(cfg['arch'])
     except KeyError as e: raise ConfigError(str(e).strip('"\'')) from None
     return cfg
-
-# %% ../nbs/06_train.ipynb #5bb66ef2
-def check_progressive(cfg:dict, # run configuration, recipe resolved
-                     )->list:
-    "`cfg['progressive']` as `[start size, epochs at it]`, refused unless it fits the run (a CNN, fine_tune, smaller, fewer)."
-    p = cfg['progressive']
-    p = [int(v) for v in (p.split(',') if isinstance(p, str) else p)]
-    if len(p)!=2 or not 0 < p[0] < cfg['size'] or not 0 < p[1] < cfg['epochs'] or cfg['recipe'] not in ('fine_tune','all_at_once') or get_arch(cfg['arch']).fixed_size:
-        raise ConfigError(f"progressive={cfg['progressive']!r}: give [start size, epochs at it], below size={cfg['size']} and epochs={cfg['epochs']}, "
-                          f"for a CNN trained with recipe fine_tune (got {cfg['recipe']!r}, {cfg['arch']!r})")
-    return p
 
 # %% ../nbs/06_train.ipynb #a26b86ff
 def resolve_precision(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'

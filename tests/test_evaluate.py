@@ -26,3 +26,16 @@ def test_evaluate_run_on_a_one_class_folder(tiny_run, pbc_root, tmp_path, capsys
     m = json.loads((tmp_path/'m.json').read_text())
     assert m['shared_classes'] == ['neutrophil'] and m['accuracy']['value'] == pytest.approx(right)
     assert '4 images' in capsys.readouterr().out
+
+
+def test_evaluate_with_tta_is_seeded_and_is_predict_with_tta(tiny_run):
+    "`n_tta`: the same seeded figure twice, equal to averaging the plain and augmented passes of `predict_probs`."
+    from fastai.torch_core import set_seed
+    from bloodcell_fastai.export import labelled_items
+    a, b = (evaluate_run(tiny_run, n_tta=2, n_boot=20) for _ in range(2))
+    assert a['accuracy'] == b['accuracy'] and a['ece'] == b['ece']
+    model, meta = load_safe(tiny_run); df = labelled_items(tiny_run, split='test')
+    set_seed(0); p = predict_probs(model, meta, prepare_items(df, meta), n_tta=2)
+    plain = predict_probs(model, meta, prepare_items(df, meta))
+    assert not np.allclose(p, plain)  # the augmented passes changed the probabilities
+    assert a['accuracy']['value'] == pytest.approx((p.argmax(1) == np.array([meta.classes.index(l) for l in df.label])).mean())
