@@ -34,10 +34,13 @@ from bloodcell_fastai.shifts import make_shifts
 TRAIN = dict(dataset='pbc', sample=300, size=128, epochs=5, seed=42)
 LITE = dict(arch='efficientnet_lite0', pretrained=True, lr=2e-3, bs=32)
 METHODS = { # name: (what it is, train options on top of TRAIN)
-    'lite0': ("EfficientNet-Lite0 ImageNet, frozen BN statistics (the shipped recipe)", dict(LITE)),
+    'lite0': ("EfficientNet-Lite0 ImageNet, frozen BN statistics", dict(LITE)),
     'lite0_crop': ("Lite0 + cell-centred crop 0.5 (`--cell-crop 0.5`)", dict(LITE, cell_crop=0.5)),
     'lite0_reinhard': ("Lite0 + Reinhard colour normalisation (`--colour reinhard`)", dict(LITE, colour='reinhard')),
-    'lite0_crop_reinhard': ("Lite0 + cell crop 0.5 + Reinhard", dict(LITE, cell_crop=0.5, colour='reinhard')),
+    'lite0_crop_reinhard': ("Lite0 + cell crop 0.5 + Reinhard (the method of `cli.PRETRAINED_RECIPE` and the shipped model, which train longer at 160 px)", dict(LITE, cell_crop=0.5, colour='reinhard')),
+    'lite0_crop35_reinhard': ("Lite0 + cell crop at ratio 0.35 (more of the surroundings) + Reinhard", dict(LITE, cell_crop=0.35, colour='reinhard')),
+    'lite0_crop65_reinhard': ("Lite0 + cell crop at ratio 0.65 (tighter around the cell) + Reinhard", dict(LITE, cell_crop=0.65, colour='reinhard')),
+    'lite0_crop_grey': ("Lite0 + cell crop 0.5 + greyscale input", dict(LITE, cell_crop=0.5, colour='grey')),
     'lite0_bn_train': ("EfficientNet-Lite0 ImageNet, BatchNorm in training mode", dict(LITE, freeze_bn=False)),
     'lite0_grey': ("Lite0 + greyscale input (`--colour grey`)", dict(LITE, colour='grey')),
     'lite0_crop_robust': ("Lite0 + cell crop 0.5 + other-lab augmentation (`--robust-aug`)", dict(LITE, cell_crop=0.5, robust_aug=True)),

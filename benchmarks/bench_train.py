@@ -1,10 +1,11 @@
-"""Train-step throughput of our fastai learner against a bare PyTorch loop, and bf16 against fp32, same run.
+"""Train-step throughput of our fastai learner against a bare PyTorch loop, bf16 against fp32, channels-last against contiguous, same run.
 
     .venv/bin/python benchmarks/bench_train.py [--size 128] [--bs 64] [--steps 12] [--arch resnet18]
 
 Both loops train the same model (fresh copies of one initialisation) at the same size, batch and precision on the
 same pre-made tensors, so the ratio isolates what the learner adds (callbacks, recorder, precision and memory-layout
-callbacks) from data loading, which `bench_data.py` measures. Prints a markdown table.
+callbacks) from data loading, which `bench_data.py` measures. The bare loop also runs in the contiguous (NCHW) memory
+layout, to show what channels-last (the default of every run, `channels_last=True`) buys. Prints a markdown table.
 """
 import argparse, time, copy
 import torch
@@ -14,9 +15,10 @@ from bloodcell_fastai.models import create_model, bloodcell_splitter, get_arch
 from bloodcell_fastai.train import precision_callbacks
 
 
-def bare_rate(model, x, y, precision, steps):
+def bare_rate(model, x, y, precision, steps, channels_last=True):
     "Images/s of a plain loop: forward (autocast when bf16), loss, backward, SGD step."
-    model = model.to(memory_format=torch.channels_last).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model, x = model.to(memory_format=fmt).train(), x.contiguous(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     def step(xb, yb):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision=='bf16'):
@@ -56,12 +58,15 @@ def main():
     for prec in ('fp32', 'bf16'):
         res[('bare', prec)] = bare_rate(copy.deepcopy(base), x, y, prec, a.steps)
         res[('learner', prec)] = learner_rate(copy.deepcopy(base), a.arch, x, y, prec, a.steps)
+        res[('nchw', prec)] = bare_rate(copy.deepcopy(base), x, y, prec, a.steps, channels_last=False)
     print(f"| {a.arch} {a.size}px bs {a.bs} | bare loop img/s | learner img/s | learner / bare |")
     print("|---|---|---|---|")
     for prec in ('fp32', 'bf16'):
         b, l = res[('bare', prec)], res[('learner', prec)]
         print(f"| {prec} | {b:.0f} | {l:.0f} | {l/b:.2f} |")
     print(f"| bf16 / fp32 | {res[('bare','bf16')]/res[('bare','fp32')]:.2f} | {res[('learner','bf16')]/res[('learner','fp32')]:.2f} | |")
+    for prec in ('fp32', 'bf16'):
+        print(f"| channels-last / contiguous, {prec} | {res[('bare',prec)]/res[('nchw',prec)]:.2f} ({res[('nchw',prec)]:.0f} img/s contiguous) | | |")
 
 
 if __name__ == '__main__': main()
