@@ -34,7 +34,7 @@ extras = {k[len('extra_'):]: shlex.split(v) for k,v in cfg.items() if k.startswi
 # What a wheel carries beside the code, so an installed package classifies and serves the app without a checkout:
 # the shipped model and the app notebook, copied to bloodcell_fastai/shipped/ (export.shipped_folder and
 # app.app_notebook look there first). MANIFEST.in puts the same files in the sdist.
-SHIPPED = {'models/pbc_lite0': 'models/pbc_lite0', 'nbs/app.ipynb': 'app.ipynb'}
+SHIPPED = {'models/pbc_lite1': 'models/pbc_lite1', 'nbs/app.ipynb': 'app.ipynb'}
 
 class BuildWithShipped(build_py):
     def run(self):

@@ -21,7 +21,7 @@ from bloodcell_fastai.ood import ood_scores
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--run', default='runs/bench_tta/lite0_crop_ft160_fp32_e9'); p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--run', default='runs/bench_tta/lite1_crop_ft160_fp32_e9'); p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--bs', type=int, default=64); p.add_argument('--n', type=int, default=None, help='at most this many test images')
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())

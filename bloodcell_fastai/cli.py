@@ -56,14 +56,14 @@ def bloodcell_audit(path:str, # folder to audit, or a dataset name (pbc, cnmc, a
 # %% ../nbs/09_cli.ipynb #7af3decf
 # `bloodcell train` and any `--pretrained` run: the winner of benchmarks/TIME_TO_ACCURACY.md on two CPU cores, with the cell crop
 # and colour normalisation that won benchmarks/OTHERLAB.md; what the command line gives wins
-PRETRAINED_RECIPE = dict(size=160, epochs=9, bs=32, lr=2e-3, cell_crop=0.5, colour='reinhard')
+PRETRAINED_RECIPE = dict(arch='efficientnet_lite1', size=160, epochs=9, bs=32, lr=2e-3, cell_crop=0.5, colour='reinhard')
 
 # %% ../nbs/09_cli.ipynb #b0176621
 @call_parse
 def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv, model.safetensors, model.json, ...)
                     data:str=None, # labelled folder, one sub-folder per class; default PBC from $BLOODCELL_DATA, the cache, or a download
                     dataset:str=None, # how to read --data: folder (default with --data), pbc (default without), cnmc, allidb2, bloodmnist
-                    arch:str=None, # architecture (see `list_archs()`); default efficientnet_lite0 from ImageNet weights (they install with the project), resnet18 with --scratch
+                    arch:str=None, # architecture (see `list_archs()`); default the pretrained recipe's efficientnet_lite1 from ImageNet weights (they install with the project), resnet18 with --scratch
                     size:int=None, # training image size (default: the pretrained recipe's 160, from scratch 128)
                     epochs:int=None, # epochs of the main stage, gradual: spread over the unfreezing steps (default: the pretrained recipe's 9, from scratch 5)
                     bs:int=None, # batch size (default: the pretrained recipe's 32, from scratch 64)
@@ -99,11 +99,10 @@ def bloodcell_train(out:str=None, # run folder to write (record.json, split.csv,
     bal = int(balance) if balance and str(balance).isdigit() else balance
     if scratch and (pretrained or weights): raise ConfigError("--scratch starts from random weights: drop --pretrained/--weights, or drop --scratch")
     pretrained = pretrained or not (scratch or arch or weights) # bare `bloodcell train`: `PRETRAINED_RECIPE`
-    arch = arch or ('efficientnet_lite0' if pretrained else TRAIN_DEFAULTS['arch'])
-    given = {k:v for k,v in dict(size=size, epochs=epochs, bs=bs, lr=lr, cell_crop=cell_crop, colour=colour, progressive=progressive).items() if v is not None}
+    given = {k:v for k,v in dict(arch=arch, size=size, epochs=epochs, bs=bs, lr=lr, cell_crop=cell_crop, colour=colour, progressive=progressive).items() if v is not None}
     o = {**(PRETRAINED_RECIPE if pretrained else {}), **given} # from scratch: `TRAIN_DEFAULTS`
     o.update(cell_crop=o.get('cell_crop') or None, colour=None if o.get('colour') in (None, 'none') else o['colour']) # 0 and none: off
-    run = train(out, resume=resume, dataset=dataset, data=data, arch=arch, **o,
+    run = train(out, resume=resume, dataset=dataset, data=data, **o,
                 pretrained=bool(pretrained), weights=weights, recipe=recipe, mixup=mixup, cutmix=cutmix,
                 label_smoothing=label_smoothing, labels=labels, sample=sample, seed=seed, precision=precision,
                 balance=bal, crop_border=crop_border, pad=pad, patience=patience, export_pickle=pickle,
@@ -306,7 +305,7 @@ def bloodcell_models(folders:Param("more folders holding run folders", str, opt=
 @call_parse
 def bloodcell_demo(out:str='runs/demo', # folder for the demo's outputs
                    per_class:int=300, # images per class drawn from the data (keeps the demo to about 10 minutes on 2 CPU cores)
-                   arch:str='efficientnet_lite0', # architecture; its ImageNet weights install with the project
+                   arch:str=None, # architecture (default: `PRETRAINED_RECIPE`'s; its ImageNet weights install with the project)
                    size:int=None, # training image size (default: `PRETRAINED_RECIPE`'s)
                    seed:int=42, # random seed
                    epochs:int=None, # training epochs after the cached-feature head (default: `PRETRAINED_RECIPE`'s)

@@ -103,7 +103,8 @@ def test_colour_bad_option():
                                        (['--pretrained', '--colour', 'grey', '--epochs', '3'], (0.5, 'grey')),
                                        ([], (0.5, 'reinhard')),
                                        (['--scratch'], (None, None)),
-                                       (['--arch', 'resnet18', '--lr', '0.01'], (None, None))])
+                                       (['--arch', 'resnet18', '--lr', '0.01'], (None, None)),
+                                       (['--pretrained', '--arch', 'efficientnet_lite0'], (0.5, 'reinhard'))])
 def test_train_cli_recipe_defaults(monkeypatch, tmp_path, args, want):
     "A bare `bloodcell train` (and any `--pretrained`) runs `PRETRAINED_RECIPE` (TIME_TO_ACCURACY's and OTHERLAB's winners); what is given wins; scratch runs keep `TRAIN_DEFAULTS`."
     import bloodcell_fastai.cli as cli
@@ -112,8 +113,9 @@ def test_train_cli_recipe_defaults(monkeypatch, tmp_path, args, want):
     monkeypatch.setattr(cli, 'train', fake_train)
     with pytest.raises(SystemExit): cli.main(['train', '--out', str(tmp_path/'r'), *args])
     assert (seen['cell_crop'], seen['colour']) == want
-    pretrained = '--scratch' not in args and '--arch' not in args
-    assert (seen['pretrained'], seen['arch']) == (pretrained, 'efficientnet_lite0' if pretrained else 'resnet18')
+    pretrained = '--pretrained' in args or not ('--scratch' in args or '--arch' in args)
+    arch = args[args.index('--arch')+1] if '--arch' in args else cli.PRETRAINED_RECIPE['arch'] if pretrained else 'resnet18'
+    assert (seen['pretrained'], seen.get('arch', 'resnet18')) == (pretrained, arch)  # scratch without --arch: train_config's default
     given = {a[2:]: float(v) for a, v in zip(args, args[1:]) if a in ('--epochs', '--lr')}
     recipe = {k: cli.PRETRAINED_RECIPE[k] for k in ('size', 'epochs', 'bs', 'lr')} if pretrained else {}
     assert {k: seen[k] for k in ('size', 'epochs', 'bs', 'lr') if k in seen} == {**recipe, **given}  # scratch: train_config fills in TRAIN_DEFAULTS

@@ -104,7 +104,7 @@ def test_app_classifies_and_reports_bad_input(page, run, pbc_sample, tmp_path):
     assert 'tiny' in text(pg.locator('body')) # the dropdown lists the models with their test accuracy
     assert 'test accuracy' in text(pg.locator('select'))
     first = text(pg.locator('select option').first)
-    assert first.startswith('pbc_lite0'), first # the shipped model comes first and is selected
+    assert first.startswith('pbc_lite1'), first # the shipped model comes first and is selected
 
     # one real PBC image, classified by the shipped model: the page shows what `predict` says, class and probability
     img, = readable(pbc_sample, 'neutrophil')

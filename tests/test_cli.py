@@ -95,4 +95,4 @@ def test_predict_without_a_run_uses_the_shipped_model(pbc_sample, tmp_path):
     assert len(df) == 2 and set(df.status) <= {'ok', 'refer to expert', 'unlike the training data'} and df.label.notna().all()
     r = subprocess.run([sys.executable, '-c', 'from bloodcell_fastai.cli import main; main()', 'models', str(tmp_path/'none')],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0 and 'shipped' in r.stdout and 'pbc_lite0' in r.stdout and 'efficientnet_lite0' in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and 'shipped' in r.stdout and 'pbc_lite1' in r.stdout and 'efficientnet_lite1' in r.stdout, r.stdout + r.stderr

@@ -34,10 +34,10 @@ def run(v, *args, cwd):
 def test_wheel_and_sdist_carry_the_shipped_model_and_the_app(dist):
     names = zipfile.ZipFile(next(dist.glob('*.whl'))).namelist()
     for f in ('model.safetensors', 'model.json', 'README.md', 'bn_source.safetensors'):
-        assert f'bloodcell_fastai/shipped/models/pbc_lite0/{f}' in names
+        assert f'bloodcell_fastai/shipped/models/pbc_lite1/{f}' in names
     assert 'bloodcell_fastai/shipped/app.ipynb' in names
     sd = tarfile.open(next(dist.glob('*.tar.gz'))).getnames()
-    assert any(n.endswith('models/pbc_lite0/model.safetensors') for n in sd) and any(n.endswith('nbs/app.ipynb') for n in sd)
+    assert any(n.endswith('models/pbc_lite1/model.safetensors') for n in sd) and any(n.endswith('nbs/app.ipynb') for n in sd)
 
 def test_installed_wheel_imports_from_its_own_folder(venv, tmp_path):
     r = subprocess.run([str(venv/'bin'/'python'), '-c', 'import bloodcell_fastai as b; from bloodcell_fastai.export import shipped_folder; from bloodcell_fastai.app import app_notebook; print(b.__file__); print(shipped_folder()); print(app_notebook())'],
@@ -45,7 +45,7 @@ def test_installed_wheel_imports_from_its_own_folder(venv, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lib, ship, app = r.stdout.split()
     assert str(venv) in lib and str(ROOT) not in lib
-    assert ship.startswith(str(venv)) and Path(ship, 'pbc_lite0', 'model.safetensors').exists()
+    assert ship.startswith(str(venv)) and Path(ship, 'pbc_lite1', 'model.safetensors').exists()
     assert app.startswith(str(venv)) and Path(app).exists()
 
 def test_installed_wheel_help_models_and_predict(venv, tmp_path, pbc_sample):

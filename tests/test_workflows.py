@@ -58,7 +58,7 @@ def test_binder_opens_the_app_with_the_shipped_model():
                        env={k: v for k, v in os.environ.items() if k != 'BLOODCELL_MODELS'})
     assert r.returncode == 0, r.stderr[-1000:]
     source, path, err = r.stdout.split()
-    assert source == 'shipped' and path.endswith('pbc_lite0') and err in ('nan', 'None'), r.stdout
+    assert source == 'shipped' and path.endswith('pbc_lite1') and err in ('nan', 'None'), r.stdout
 
 def test_make_test_draws_a_sample_when_there_is_no_data_folder(tmp_path):
     "With $BLOODCELL_DATA empty (a fork's CI with no repository variable), the tests run on a drawn sample and say so."

@@ -1,6 +1,6 @@
 """Turn a finished PBC run into the model that ships: fp16 safetensors, model.json, a trimmed record and a model card.
 
-    .venv/bin/python tools/ship_model.py RUN models/pbc_lite0 [--make-command "make model"]
+    .venv/bin/python tools/ship_model.py RUN models/pbc_lite1 [--make-command "make model"]
 
 Steps: fit the temperature on the run's validation split (stored in the run's model.json), copy model.json, store
 the weights as fp16 safetensors and check that the fp16 model's predictions on the test split agree with fp32
@@ -47,14 +47,15 @@ def portable(w):
 
 def pct(m): return f"{100*m['value']:.2f} % [{100*m['ci_low']:.2f}, {100*m['ci_high']:.2f}]"
 
-def card(rec, meta, cal, agree, make_command):
+def card(rec, meta, cal, agree, make_command, name):
     t, v = rec['final_metrics']['test'], rec['final_metrics']['valid']
     c, w = rec['config'], rec.get('weights') or {}
     per = '\n'.join(f"| {k} | {x['precision']:.3f} | {x['recall']:.3f} | {x['f1']:.3f} | {x['support']} |" for k, x in t['per_class'].items())
     ood = rec.get('ood') or {}
-    return f"""# pbc_lite0: white-cell classifier for CellaVision peripheral-blood images (8 classes)
+    arch = meta.arch.replace('efficientnet_lite', 'EfficientNet-Lite') # efficientnet_lite1 -> EfficientNet-Lite1
+    return f"""# {name}: white-cell classifier for CellaVision peripheral-blood images (8 classes)
 
-An EfficientNet-Lite0 fine-tuned from ImageNet weights on half of the PBC dataset (Acevedo et al. 2020), at
+An {arch} fine-tuned from ImageNet weights on half of the PBC dataset (Acevedo et al. 2020), at
 {meta.size} px. It names one of {', '.join(meta.classes)} for an image of a single cell as
 CellaVision DM96 crops it (360×363 JPEG, May-Grünwald-Giemsa stain, Hospital Clinic of Barcelona).
 
@@ -152,7 +153,7 @@ def main():
     if resolve_backend(DEFAULT_BACKEND) == 'onnx-int8':
         backend_model(tmp, 'onnx-int8', calib=labelled_items(run, split='train').sample(256, random_state=0))
         (tmp/'model.onnx').unlink()
-    atomic_write(tmp/'README.md', card(rec, read_meta(tmp), cal, agree, a.make_command))
+    atomic_write(tmp/'README.md', card(rec, read_meta(tmp), cal, agree, a.make_command, dest.name))
     if dest.exists(): shutil.rmtree(dest)
     os.replace(tmp, dest)
     print(f"wrote {dest}: " + ', '.join(f"{f.name} ({f.stat().st_size/1e6:.1f} MB)" for f in sorted(dest.iterdir())))
