@@ -16,7 +16,8 @@ The other-lab sets are for evaluation only: nothing here is chosen by their labe
 hyper-parameter); the adaptive variants see their images, never their labels. The fewest images AdaBN needs is
 measured on PBC's own test images under an imitated stain shift (`min_images`), not on another lab's.
 Writes benchmarks/OTHERLAB.md and benchmarks/otherlab.json (saved after every run, so an interruption keeps what
-finished); run folders go to runs/bench_otherlab/.
+finished); run folders go to runs/bench_otherlab/. A section headed "## What it shows" at the end of OTHERLAB.md is kept
+when the tables are rewritten.
 """
 import argparse, json, os, sys, time, tempfile, warnings
 from pathlib import Path
@@ -158,6 +159,8 @@ def winner(rows, margin=0.01):
           if e['pbc_test']['acc']['value'] >= best[v] - margin]
     return max(ok)[1:] if ok else None, best
 
+NOTES = '## What it shows'
+
 def report(res, out):
     info, rows = res['info'], res['runs']
     L = ['# Other labs\' images: what transfers (benchmarks/bench_otherlab.py)', '',
@@ -203,7 +206,9 @@ def report(res, out):
     if missing: L += ['', f"Not yet measured (the run stopped for time; `bench_otherlab.py` trains only what is missing): {', '.join(missing)}."]
     L += ['', '## Methods', '', 'Training minutes are wall-clock on the 2 cores, some while another job shared them: they are not a speed comparison (benchmarks/TIME_TO_ACCURACY.md is).', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLE)}"
                                    + (f" ({rows[n]['train_minutes']:.1f} min training)" if rows[n].get('train_minutes') else '') for n in rows]
-    atomic_write(out/'OTHERLAB.md', '\n'.join(L) + '\n')
+    old = (out/'OTHERLAB.md').read_text() if (out/'OTHERLAB.md').exists() else ''
+    keep = old[old.index(NOTES):] if NOTES in old else '' # the hand-written reading of the tables stays
+    atomic_write(out/'OTHERLAB.md', '\n'.join(L) + '\n' + ('\n'+keep if keep else ''))
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
