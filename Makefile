@@ -80,5 +80,10 @@ export: venv
 app: venv
 	$(BIN)/bloodcell app --models $(or $(MODELS),models)
 
+## make bench: the quick speed ratios of benchmarks/README.md (data loader against train step, our learner against a bare
+## loop, batch predict against learn.predict; a few minutes). The accuracy benchmarks take hours: run them by the commands
+## their pages give (TIME_TO_ACCURACY.md, OTHERLAB.md, ROBUST.md, INFERENCE.md).
 bench: venv
-	$(BIN)/python benchmarks/run_all.py
+	$(PY) benchmarks/bench_data.py --n 1024 --size 128
+	$(PY) benchmarks/bench_train.py --steps 8
+	$(PY) benchmarks/predict.py --sizes 64,128

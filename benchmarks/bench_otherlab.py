@@ -26,7 +26,8 @@ from bloodcell_fastai.core import cpu_info, atomic_write, data_root
 from bloodcell_fastai.data import load_split, folder_items
 from bloodcell_fastai.metrics import evaluate_probs
 from bloodcell_fastai.export import load_safe, default_model
-from bloodcell_fastai.inference import read_cells, predict_cells, decide
+from bloodcell_fastai.inference import read_cells, predict_cells, decide, TTA_PASSES
+from _report import write_report
 from bloodcell_fastai.export import DEFAULT_THRESHOLD
 from bloodcell_fastai.train import train
 from bloodcell_fastai.adapt import adapt_model, run_source_stats, read_adapt_images, adabn, _equal_batches
@@ -83,7 +84,7 @@ def score(df, items, classes, kind, n_boot=1000):
 def frame(model, meta, ims, tta):
     "What `predict` reports per image (probabilities, OOD flag and score, status), from images decoded once."
     classes = list(meta.classes)
-    out = predict_cells(model, meta, ims, n_tta=4 if tta else 0, ood=meta.ood)
+    out = predict_cells(model, meta, ims, n_tta=TTA_PASSES if tta else 0, ood=meta.ood)
     p, sc = out if meta.ood else (out, np.full(len(ims), np.nan))
     df = pd.DataFrame(p, columns=[f'prob_{c}' for c in classes])
     df['ood_score'], df['ood'] = sc, sc > (meta.ood or {}).get('threshold', np.inf)
@@ -159,8 +160,6 @@ def winner(rows, margin=0.01):
           if e['pbc_test']['acc']['value'] >= best[v] - margin]
     return max(ok)[1:] if ok else None, best
 
-NOTES = '## What it shows'
-
 def report(res, out):
     info, rows = res['info'], res['runs']
     L = ['# Other labs\' images: what transfers (benchmarks/bench_otherlab.py)', '',
@@ -206,9 +205,7 @@ def report(res, out):
     if missing: L += ['', f"Not yet measured (the run stopped for time; `bench_otherlab.py` trains only what is missing): {', '.join(missing)}."]
     L += ['', '## Methods', '', 'Training minutes are wall-clock on the 2 cores, some while another job shared them: they are not a speed comparison (benchmarks/TIME_TO_ACCURACY.md is).', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLE)}"
                                    + (f" ({rows[n]['train_minutes']:.1f} min training)" if rows[n].get('train_minutes') else '') for n in rows]
-    old = (out/'OTHERLAB.md').read_text() if (out/'OTHERLAB.md').exists() else ''
-    keep = old[old.index(NOTES):] if NOTES in old else '' # the hand-written reading of the tables stays
-    atomic_write(out/'OTHERLAB.md', '\n'.join(L) + '\n' + ('\n'+keep if keep else ''))
+    write_report(out/'OTHERLAB.md', L)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -16,6 +16,8 @@ from pathlib import Path
 from bloodcell_fastai.core import cpu_info, atomic_write
 from bloodcell_fastai.train import train, cpu_bf16_supported
 from bloodcell_fastai.evaluate import evaluate_run
+from bloodcell_fastai.inference import TTA_PASSES
+from _report import write_report
 
 CANDIDATES = {  # name: (what it is, train options)
     'lite0_ft128': ("EfficientNet-Lite0 ImageNet (pip package), cached-feature head, frozen BN stats, fine-tune all, 128 px, bf16, 6 epochs",
@@ -51,10 +53,8 @@ def summarise(name, run, tta=None):
                 test_accuracy_tta=tta or tta_accuracy(run))
 
 def tta_accuracy(run):
-    "Test accuracy when predicting with `--tta` (the plain pass and 4 augmented ones averaged), seeded: `bloodcell evaluate RUN --tta`."
-    return evaluate_run(run, n_tta=4)['accuracy']
-
-NOTES = '## What it shows'
+    "Test accuracy when predicting with `--tta` (the plain pass and `TTA_PASSES` augmented ones averaged), seeded: `bloodcell evaluate RUN --tta`."
+    return evaluate_run(run, n_tta=TTA_PASSES)['accuracy']
 
 def ci(a): return f"{a['value']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]" if a else '—'
 
@@ -82,9 +82,7 @@ def write(results, args):
             if r is base: continue
             lines.append(f"- {r['name']}: {r['train_minutes']/base['train_minutes']:.2f}x the baseline's minutes, "
                          f"{100*(r['test_accuracy']['value']-base['test_accuracy']['value']):+.1f} accuracy points")
-    old = (out/'TIME_TO_ACCURACY.md').read_text() if (out/'TIME_TO_ACCURACY.md').exists() else ''
-    keep = old[old.index(NOTES):] if NOTES in old else ''  # the hand-written reading of the table stays
-    atomic_write(out/'TIME_TO_ACCURACY.md', '\n'.join(lines)+'\n' + ('\n'+keep if keep else ''))
+    write_report(out/'TIME_TO_ACCURACY.md', lines)
     import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:

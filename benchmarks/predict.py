@@ -117,7 +117,7 @@ def main(argv=None):
     for s in map(int, a.sizes.split(',')):
         r = bench_size(s, files, a.n_loop, a.bs, a.repeats, a.arch, workdir); rows.append(r)
         print(json.dumps({k:(round(v,2) if isinstance(v,float) else v) for k,v in r.items()}), flush=True)
-    cmd = 'BLOODCELL_DATA=/work/shared/data .venv/bin/python benchmarks/predict.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    cmd = 'BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/predict.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     md = report(rows, cmd.strip())
     print(md)
     if a.out:

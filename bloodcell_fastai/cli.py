@@ -14,7 +14,7 @@ from .data import (DATASETS, get_dataset_path, load_items, class_root, parent_la
                                    split_items, save_split, cell_dataloaders)
 from .metrics import metrics_table
 from .export import run_names, list_models, models_folder, default_model
-from .inference import predict, summarise, write_predictions, backend_model, resolve_backend
+from .inference import predict, summarise, write_predictions, backend_model, resolve_backend, TTA_PASSES
 from .adapt import adapt_to, adapt_run, ADAPT_METHODS, MIN_ADAPT
 from .evaluate import evaluate_run
 from .train import train, TRAIN_DEFAULTS, is_rank0
@@ -133,7 +133,7 @@ def bloodcell_evaluate(run_dir:str, # run folder (with model.safetensors and mod
                       ):
     "Accuracy, balanced accuracy, kappa, F1, ROC AUC, ECE (with 95% CIs), per-class scores and confusion matrix."
     import json as _json
-    rep = evaluate_run(run_dir, data=data, dataset=dataset, split=split, restrict_classes=restrict_classes, n_boot=n_boot, n_tta=4 if tta else 0)
+    rep = evaluate_run(run_dir, data=data, dataset=dataset, split=split, restrict_classes=restrict_classes, n_boot=n_boot, n_tta=TTA_PASSES if tta else 0)
     print(f"{rep['n_images']} images, classes {', '.join(rep['classes'])}")
     print(metrics_table(rep).round(4).to_string())
     if 'restricted' in rep:

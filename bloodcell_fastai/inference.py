@@ -24,11 +24,11 @@ from .ood import FEATURE_SCORES, capture_features, ood_scores, ood_summary
 from .export import ModelMeta, DEFAULT_THRESHOLD, load_safe, read_meta, export_onnx, quantize_onnx, load_onnx
 
 # %% auto #0
-__all__ = ['BACKENDS', 'DEFAULT_BACKEND', 'infer_dl', 'prepare_items', 'image_paths', 'read_cell_found', 'read_cell',
-           'read_cells', 'batch_pipe', 'cell_batch', 'model_forward', 'df_batches', 'image_batches', 'calibrated_probs',
-           'predict_logits', 'predict_probs', 'score_items', 'model_inputs', 'predict_cells', 'decide',
-           'resolve_backend', 'backend_model', 'predict', 'predictions_bytes', 'write_predictions', 'summarise',
-           'gradcam', 'gradcam_overlay']
+__all__ = ['TTA_PASSES', 'BACKENDS', 'DEFAULT_BACKEND', 'infer_dl', 'prepare_items', 'image_paths', 'read_cell_found',
+           'read_cell', 'read_cells', 'batch_pipe', 'cell_batch', 'model_forward', 'df_batches', 'image_batches',
+           'calibrated_probs', 'predict_logits', 'predict_probs', 'score_items', 'model_inputs', 'predict_cells',
+           'decide', 'resolve_backend', 'backend_model', 'predict', 'predictions_bytes', 'write_predictions',
+           'summarise', 'gradcam', 'gradcam_overlay']
 
 # %% ../nbs/04_inference.ipynb #85807e62
 def infer_dl(df:pd.DataFrame, # items with `file` (and `image` when presized)
@@ -165,6 +165,8 @@ def image_batches(ims:list, # preprocessed images from `read_cell`
     return (cell_batch(ims[i:i+bs], meta, tta=tta) for i in range(0, len(ims), bs))
 
 # %% ../nbs/04_inference.ipynb #321a6ce9
+TTA_PASSES = 4 # the augmented passes of every `tta` switch (`predict`, `bloodcell predict/evaluate --tta`, the benchmarks)
+
 def calibrated_probs(model, # torch model in eval mode, or an `OnnxModel`
                      meta:ModelMeta, # its meta
                      batches, # `tta -> iterable of batches`, e.g. `partial(df_batches, df, meta)`
@@ -311,7 +313,7 @@ def predict(run, # run folder, or a `(model, meta)` pair from `load_safe` / `loa
             images, # an image file, a list of files, a folder or a glob pattern
             bs:int=64, # batch size
             tta:bool=False, # test-time augmentation
-            n_tta:int=4, # augmented passes when `tta`
+            n_tta:int=TTA_PASSES, # augmented passes when `tta`
             threshold:float=None, # abstain below this calibrated probability; default model.json's or 0.5
             k:int=3, # classes listed in `top{k}`
             temperature:float=None, # override the model's temperature
