@@ -1,6 +1,6 @@
 """Throughput of batch prediction vs a `learn.predict` loop vs the bare model forward, same model, size and run.
 
-    BLOODCELL_DATA=/work/shared/data .venv/bin/python benchmarks/predict.py --sizes 64,128,224 --out benchmarks/PREDICT.md
+    BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/predict.py --sizes 64,128,224 --out benchmarks/PREDICT.md
 
 For each size a run folder is trained briefly (4 PBC images per class, 1 epoch: the weights do not matter for
 speed) with the fastai pickle exported, then, on the same real PBC JPEGs:
