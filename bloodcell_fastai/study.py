@@ -370,7 +370,9 @@ def plot_size_curve(results:pd.DataFrame, # from `study_results`
         if f'{metric}_low' in g: err = np.clip(np.stack([g[metric]-g[f'{metric}_low'], g[f'{metric}_high']-g[metric]]), 0, None)
         ax.errorbar(g.n_train, g[metric], yerr=err, color=colours[arch], ls='--' if pre else '-', marker='o', ms=4,
                     capsize=2, label=f"{arch} ({'pretrained' if pre else 'scratch'})")
-    ax.set_xscale('log'); ax.set_xlabel('training images'); ax.set_ylabel(metric.replace('_',' '))
+    ticks = sorted(set(results.n_train.astype(int)))
+    ax.set_xscale('log'); ax.set_xticks(ticks, [f'{t:,}' for t in ticks]); ax.xaxis.set_minor_formatter(plt.NullFormatter()) # the sizes themselves, not 10^k
+    ax.set_xlabel('training images'); ax.set_ylabel(metric.replace('_',' '))
     ax.grid(alpha=.3); ax.legend(fontsize=7, ncol=2)
     return ax
 

@@ -186,7 +186,8 @@ def shrink(cfg:dict, sample:int=4, pretrained:bool=False)->dict:
     cfg['pretrained_train'] = {**cfg.get('pretrained_train', {}), **{o: small[o] for o in ('epochs', 'freeze_epochs') if cfg.get('pretrained_train', {}).get(o)}}
     return cfg
 
-PROTOCOLS = ['ryba_2021', 'ryba_2021_cpu', 'foix_romero_2022', 'foix_romero_2022_cpu', 'foix_romero_2022_probe_cpu', 'cnmc_landi_baldi_cioffo', 'cnmc_mir_nissa']
+PROTOCOLS = ['ryba_2021', 'ryba_2021_cpu', 'foix_romero_2022', 'foix_romero_2022_cpu', 'foix_romero_2022_probe_cpu', 'foix_romero_2022_small_cpu',
+             'cnmc_landi_baldi_cioffo', 'cnmc_landi_baldi_cioffo_allidb2_cpu', 'cnmc_mir_nissa']
 
 @pytest.mark.parametrize('name', PROTOCOLS)
 def test_published_protocol_runs_on_a_tiny_subset(name, tmp_path, data_root):
