@@ -84,6 +84,7 @@ app: venv
 ## loop, batch predict against learn.predict; a few minutes). The accuracy benchmarks take hours: run them by the commands
 ## their pages give (TIME_TO_ACCURACY.md, OTHERLAB.md, ROBUST.md, INFERENCE.md).
 bench: venv
+	@test -d "$(BLOODCELL_DATA)/pbc" || { echo "make bench needs the PBC images: set BLOODCELL_DATA to a folder holding pbc/ (see README)"; exit 2; }
 	$(PY) benchmarks/bench_data.py --n 1024 --size 128
 	$(PY) benchmarks/bench_train.py --steps 8
 	$(PY) benchmarks/predict.py --sizes 64,128

@@ -161,7 +161,7 @@ def bloodcell_predict(run_dir:str, # run folder (model.safetensors + model.json)
                       images:Param("an image file, a folder of images or a glob pattern", str, opt=False, nargs='?')=None, # an image file, a folder of images or a glob pattern
                       csv:str=None, # write the predictions to this CSV file
                       xlsx:str=None, # write the predictions to this Excel file
-                      tta:store_true=False, # test-time augmentation (average of the plain and 4 augmented views)
+                      tta:store_true=False, # test-time augmentation (the plain pass averaged with `inference.TTA_PASSES` augmented ones)
                       threshold:float=None, # refer to an expert below this probability (default: model.json's or 0.5)
                       top_k:int=3, # classes listed per image
                       bs:int=64, # batch size
