@@ -20,8 +20,9 @@ __all__ = ['RUN_FILES', 'STUDY_DEFAULTS', 'REPO_RAW', 'PAPER_METRICS', 'quick_mo
            'run_status', 'resumable', 'clear_run', 'ensure_run', 'StudyError', 'load_study_config', 'find_study_config',
            'is_baseline', 'study_run_id', 'study_runs', 'study_items', 'study_splits', 'run_key', 'n_params',
            'run_summary', 'read_results', 'run_study', 'study_results', 'study_table', 'plot_size_curve',
-           'study_report', 'compare_runs', 'per_class_table', 'run_test_probs', 'export_results', 'load_results',
-           'plot_learning_curves', 'plot_confusion_grid', 'rank_curves', 'plot_rank_curves', 'plot_roc_curves']
+           'study_report', 'fmt_ci', 'compare_runs', 'per_class_table', 'run_test_probs', 'export_results',
+           'load_results', 'plot_learning_curves', 'plot_confusion_grid', 'rank_curves', 'plot_rank_curves',
+           'plot_roc_curves']
 
 # %% ../nbs/07d_study.ipynb #121e6078
 def quick_mode()->bool:
@@ -395,7 +396,8 @@ def study_report(config, # config file, name in studies/, or dict
 # %% ../nbs/07d_study.ipynb #5751d6af
 PAPER_METRICS = ('accuracy', 'balanced_accuracy', 'cohen_kappa', 'error_rate', 'f1_macro', 'f1_weighted')
 
-def _fmt_ci(m:dict)->str:
+def fmt_ci(m:dict, # a metric as `{value, ci_low, ci_high}`, e.g. `evaluate_probs(...)['accuracy']`
+          )->str:
     "'0.912 [0.890, 0.931]' from a metric's {value, ci_low, ci_high}."
     if m is None or m.get('value') is None: return 'n/a'
     return f"{m['value']:.3f}" + (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m.get('ci_low') is not None else '')
@@ -412,7 +414,7 @@ def compare_runs(run_dirs, # run folders, or a dict name -> run folder
         rec = read_record(r)
         if not rec or rec.get('status')!='done': raise StudyError(f"{r} holds no finished run")
         rep = rec['final_metrics'][split]
-        rows[name] = {m:(_fmt_ci(rep[m]) if ci else rep[m]['value']) for m in metrics}
+        rows[name] = {m:(fmt_ci(rep[m]) if ci else rep[m]['value']) for m in metrics}
         rows[name].update(images=rep['n_images'], train_s=rec['timings']['train_seconds'])
     return pd.DataFrame(rows).T.rename_axis('run')
 
