@@ -1,6 +1,7 @@
 """Other labs' images: every method of issue 13 on one split, seed and budget, on one machine in one go.
 
     BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py [--only NAME ...] [--report]
+    BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py --full RUN RUN ...  # full-scale runs and their average
 
 Trains each method's run on the same seeded sample of the PBC half (`TRAIN`: 300 images per class, 60/20/20 grouped
 split, 128 px, 5 epochs), then evaluates every run with every test-time variant (`VARIANTS`: as trained, AdaBN and
@@ -44,6 +45,7 @@ METHODS = { # name: (what it is, train options on top of TRAIN)
     'lite0_crop65_reinhard': ("Lite0 + cell crop at ratio 0.65 (tighter around the cell) + Reinhard", dict(LITE, cell_crop=0.65, colour='reinhard')),
     'lite0_crop_grey': ("Lite0 + cell crop 0.5 + greyscale input", dict(LITE, cell_crop=0.5, colour='grey')),
     'lite1_crop_reinhard': ("EfficientNet-Lite1 ImageNet + cell crop 0.5 + Reinhard (the architecture of `cli.PRETRAINED_RECIPE` and the shipped model)", dict(LITE, arch='efficientnet_lite1', cell_crop=0.5, colour='reinhard')),
+    'lite1_crop_grey': ("EfficientNet-Lite1 ImageNet + cell crop 0.5 + greyscale input", dict(LITE, arch='efficientnet_lite1', cell_crop=0.5, colour='grey')),
     'lite0_bn_train': ("EfficientNet-Lite0 ImageNet, BatchNorm in training mode", dict(LITE, freeze_bn=False)),
     'lite0_grey': ("Lite0 + greyscale input (`--colour grey`)", dict(LITE, colour='grey')),
     'lite0_crop_robust': ("Lite0 + cell crop 0.5 + other-lab augmentation (`--robust-aug`)", dict(LITE, cell_crop=0.5, robust_aug=True)),
@@ -51,7 +53,10 @@ METHODS = { # name: (what it is, train options on top of TRAIN)
     'resnet18_crop_robust': ("ResNet-18 from scratch, `--cell-crop 0.5 --robust-aug`", dict(arch='resnet18', cell_crop=0.5, robust_aug=True)),
 }
 VARIANTS = ('plain', 'adabn', 'tent', 'tta')
-ENSEMBLE = ('lite0', 'lite0_reinhard', 'lite0_crop', 'lite0_crop_reinhard') # averaged probabilities, one row per variant
+ENSEMBLES = { # name: members whose probabilities are averaged, one row per variant
+    'ensemble': ('lite0', 'lite0_reinhard', 'lite0_crop', 'lite0_crop_reinhard'),
+    'ensemble_colour': ('lite1_crop_reinhard', 'lite1_crop_grey'), # one colour-normalised and one colour-blind model
+}
 
 def sets(root):
     "name: (items with file/label, the images adaptation may use, kind)"
@@ -110,21 +115,38 @@ def evaluate(run, root, n_boot):
             probs[v][name] = (df, items, kind)
     return res, probs, classes
 
-def ensemble(probs_by_run, classes, n_boot):
+def ensemble(probs_by_run, members, classes, n_boot):
+    "Every variant on every set for the probability average of `members`."
     res = {}
     for v in VARIANTS:
         res[v] = {}
-        for name in probs_by_run[ENSEMBLE[0]][v]:
-            dfs = [probs_by_run[r][v][name][0] for r in ENSEMBLE]
+        for name in probs_by_run[members[0]][v]:
+            dfs = [probs_by_run[r][v][name][0] for r in members]
             df = dfs[0].copy()
             for c in [f'prob_{c}' for c in classes]: df[c] = np.mean([d[c].values for d in dfs], 0)
             df['ood'] = np.any([d.ood.values for d in dfs], 0) # flagged when any member flags it
             df['ood_score'] = np.mean([d.ood_score.rank(pct=True).values for d in dfs], 0)
             p = df[[f'prob_{c}' for c in classes]].values
             df['status'] = decide(p, classes, DEFAULT_THRESHOLD)['status'].values # members' thresholds do not carry over to their average
-            items, kind = probs_by_run[ENSEMBLE[0]][v][name][1:]
+            items, kind = probs_by_run[members[0]][v][name][1:]
             res[v][name] = score(df, items, classes, kind, n_boot)
     return res
+
+def full_scale(runs, root, n_boot=1000):
+    "Full-scale run folders and the probability average of all of them: restricted accuracy on PBC test, JTSC and CellaVision-blog, plain and with TTA."
+    from fastai.torch_core import set_seed
+    from bloodcell_fastai.export import labelled_items, same_split
+    from bloodcell_fastai.ensemble import members_probs, member_classes
+    same_split(runs); classes = member_classes(runs) # one split and one class list, or a one-line error
+    items = {'pbc_test': labelled_items(runs[0]), **{o: labelled_items(runs[0], root/'otherlab'/o, split=None) for o in ('jtsc', 'cellavision_blog')}}
+    out = {}
+    for v, n_tta in (('plain', 0), ('tta', TTA_PASSES)):
+        for s, df in items.items():
+            set_seed(0); probs = members_probs(runs, df, n_tta=n_tta) # seeded, as `bloodcell evaluate --tta`
+            labels = df.label.astype(str).tolist(); shared = [c for c in classes if c in set(labels)]
+            for name, p in [*zip(map(str, runs), probs), (' + '.join(map(str, runs)), np.mean(probs, 0))]:
+                out.setdefault(name, {}).setdefault(v, {})[s] = {'acc': evaluate_probs(p, labels, shared, model_classes=classes, n_boot=n_boot)['accuracy'], 'n': len(df)}
+    return out
 
 def min_images(run, root, tmp, ks=(8, 16, 32, 64, 128, 256), reps=3):
     "AdaBN accuracy on PBC's test split under an imitated stain shift, adapting on k of its images (no other lab involved)."
@@ -201,9 +223,17 @@ def report(res, out):
               f"No adaptation: {mi['acc']['none']:.3f}.", '', '| images adapted on | accuracy (mean of 3 draws) | min | max |', '|---|---|---|---|']
         for k, a in mi['acc'].items():
             if k != 'none': L.append(f"| {k} | {a['mean']:.3f} | {a['min']:.3f} | {a['max']:.3f} |")
-    missing = [n for n in [*METHODS, 'ensemble'] if 'eval' not in rows.get(n, {})]
+    if res.get('full_scale'):
+        fs = res['full_scale']
+        L += ['', '## Full scale: whole PBC half, `cli.PRETRAINED_RECIPE` (160 px, 9 epochs)', '',
+              f"`{fs['command']}` ({fs['date']}, {fs['cpu']}). The last row averages the runs' probabilities. Restricted accuracy (95% bootstrap CI); "
+              f"TTA seeded as `bloodcell evaluate --tta`; PBC test: {fs['n_test']} images of the split every run shares.", '',
+              '| run | variant | PBC test | JTSC | CellaVision-blog |', '|---|---|---|---|---|']
+        for name, r in fs['runs'].items():
+            for v, e in r.items(): L.append(f"| {name} | {v} | {fmt(e['pbc_test'])} | {fmt(e['jtsc'])} | {fmt(e['cellavision_blog'])} |")
+    missing = [n for n in [*METHODS, *ENSEMBLES] if 'eval' not in rows.get(n, {})]
     if missing: L += ['', f"Not yet measured (the run stopped for time; `bench_otherlab.py` trains only what is missing): {', '.join(missing)}."]
-    L += ['', '## Methods', '', 'Training minutes are wall-clock on the 2 cores, some while another job shared them: they are not a speed comparison (benchmarks/TIME_TO_ACCURACY.md is).', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLE)}"
+    L += ['', '## Methods', '', 'Training minutes are wall-clock on the 2 cores, some while another job shared them: they are not a speed comparison (benchmarks/TIME_TO_ACCURACY.md is).', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLES[n])}"
                                    + (f" ({rows[n]['train_minutes']:.1f} min training)" if rows[n].get('train_minutes') else '') for n in rows]
     write_report(out/'OTHERLAB.md', L)
 
@@ -212,6 +242,7 @@ def main():
     p.add_argument('--only', nargs='*', default=list(METHODS)); p.add_argument('--report', action='store_true')
     p.add_argument('--runs', default='runs/bench_otherlab'); p.add_argument('--n-boot', type=int, default=1000)
     p.add_argument('--force', action='store_true', help='evaluate again runs already evaluated')
+    p.add_argument('--full', nargs='+', help='instead: evaluate these full-scale run folders (one split) and their average')
     a = p.parse_args()
     out, runs = Path(__file__).parent, Path(a.runs)
     fn = out/'otherlab.json'
@@ -220,6 +251,11 @@ def main():
     root = data_root()
     if root is None or not (root/'otherlab').exists(): sys.exit('set BLOODCELL_DATA to the data folder holding otherlab/, pbc/, cnmc/ and allidb2/')
     import torch
+    if a.full:
+        fr = full_scale([Path(r) for r in a.full], root, a.n_boot)
+        res['full_scale'] = dict(command='BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py --full ' + ' '.join(a.full),
+                                 date=time.strftime('%Y-%m-%d'), cpu=cpu_info()['name'], runs=fr, n_test=next(iter(fr.values()))['plain']['pbc_test']['n'])
+        atomic_write(fn, json.dumps(res, indent=1)); return report(res, out)
     res['info'] = dict(invocations=res.get('info', {}).get('invocations', []), command='BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py' + (f" --only {' '.join(a.only)}" if set(a.only) != set(METHODS) else ''),
                        **{k: v for k, v in cpu_info().items()}, cpu=cpu_info()['name'], date=time.strftime('%Y-%m-%d'), torch=torch.__version__)
     res['info']['invocations'].append(dict(command=res['info']['command'], date=res['info']['date'], runs=list(a.only)))
@@ -238,10 +274,11 @@ def main():
         res['info']['n_test'] = ev['plain']['pbc_test']['n']
         print(name, {v: (round(e['pbc_test']['acc']['value'], 3), round(e['jtsc']['acc']['value'], 3), round(e['cellavision_blog']['acc']['value'], 3)) for v, e in ev.items()}, flush=True)
         atomic_write(fn, json.dumps(res, indent=1)); report(res, out)
-    for r in ENSEMBLE: # members evaluated in an earlier invocation
-        if r not in probs_by_run and (runs/r/'otherlab_frames.pkl').exists(): probs_by_run[r], classes = pd.read_pickle(runs/r/'otherlab_frames.pkl')
-    if all(r in probs_by_run for r in ENSEMBLE):
-        res['runs']['ensemble'] = {'eval': ensemble(probs_by_run, classes, a.n_boot)}
+    for ens, members in ENSEMBLES.items():
+        for r in members: # members evaluated in an earlier invocation
+            if r not in probs_by_run and (runs/r/'otherlab_frames.pkl').exists(): probs_by_run[r], classes = pd.read_pickle(runs/r/'otherlab_frames.pkl')
+        if all(r in probs_by_run for r in members) and (ens not in res['runs'] or set(members) & set(a.only)):
+            res['runs'][ens] = {'eval': ensemble(probs_by_run, members, classes, a.n_boot)}
     if 'lite0' in a.only and 'min_images' not in res:
         with tempfile.TemporaryDirectory() as d: res['min_images'] = dict(run='lite0', acc=min_images(runs/'lite0', root, Path(d)))
     atomic_write(fn, json.dumps(res, indent=1)); report(res, out)

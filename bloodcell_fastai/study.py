@@ -19,8 +19,8 @@ from .metrics import mean_average_precision_at_n, mean_precision_at_n, encode_ta
 __all__ = ['RUN_FILES', 'STUDY_DEFAULTS', 'REPO_RAW', 'PAPER_METRICS', 'quick_mode', 'split_key', 'train_on_split', 'read_record',
            'run_status', 'resumable', 'clear_run', 'ensure_run', 'StudyError', 'load_study_config', 'find_study_config',
            'is_baseline', 'study_run_id', 'study_runs', 'study_items', 'study_splits', 'run_key', 'n_params',
-           'run_summary', 'read_results', 'run_study', 'study_results', 'study_table', 'plot_size_curve',
-           'study_report', 'fmt_ci', 'compare_runs', 'per_class_table', 'run_test_probs', 'export_results',
+           'run_summary', 'read_results', 'run_study', 'study_results', 'fmt_ci', 'ci_column', 'study_table',
+           'plot_size_curve', 'study_report', 'compare_runs', 'per_class_table', 'run_test_probs', 'export_results',
            'load_results', 'plot_learning_curves', 'plot_confusion_grid', 'rank_curves', 'plot_rank_curves',
            'plot_roc_curves']
 
@@ -343,13 +343,25 @@ def study_results(config, # config file, name in studies/, or dict
     return res.sort_values('run_id', key=lambda s: s.map(order)).reset_index(drop=True)
 
 # %% ../nbs/07d_study.ipynb #6bd9b304
+def fmt_ci(m:dict, # a metric as `{value, ci_low, ci_high}`, e.g. `evaluate_probs(...)['accuracy']`
+          )->str:
+    "'0.912 [0.890, 0.931]' from a metric's {value, ci_low, ci_high}."
+    if m is None or m.get('value') is None: return 'n/a'
+    return f"{m['value']:.3f}" + (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m.get('ci_low') is not None else '')
+
+def ci_column(frame:pd.DataFrame, # rows with `metric`, `metric_low` and `metric_high` columns (as `study_results` gives)
+              metric:str='accuracy', # the metric
+             )->list:
+    "`fmt_ci` of each row's metric: the 'value [low, high]' column of a table."
+    return [fmt_ci(dict(value=v, ci_low=l, ci_high=h)) for v,l,h in zip(frame[metric], frame[f'{metric}_low'], frame[f'{metric}_high'])]
+
 def study_table(results:pd.DataFrame, # from `study_results`
                 metric:str='accuracy', # a column: accuracy, balanced_accuracy, f1_macro, map@5, map@100, ...
                 ci:bool=False, # show "value [low, high]" strings instead of numbers
                )->pd.DataFrame:
     "One metric as architecture (scratch/pretrained) x subset, largest subset first."
     r = results.assign(init=np.where(results.pretrained.astype(bool), 'pretrained', 'scratch'))
-    if ci and f'{metric}_low' in r: r = r.assign(**{metric: [f"{v:.3f} [{l:.3f}, {h:.3f}]" for v,l,h in zip(r[metric], r[f'{metric}_low'], r[f'{metric}_high'])]})
+    if ci and f'{metric}_low' in r: r = r.assign(**{metric: ci_column(r, metric)})
     t = r.pivot_table(index=['arch','init'], columns='subset', values=metric, aggfunc='first', sort=False)
     cols = r.groupby('subset').n_train.max().sort_values(ascending=False).index
     t = t[[c for c in cols if c in t.columns]]
@@ -371,7 +383,7 @@ def plot_size_curve(results:pd.DataFrame, # from `study_results`
         if f'{metric}_low' in g: err = np.clip(np.stack([g[metric]-g[f'{metric}_low'], g[f'{metric}_high']-g[metric]]), 0, None)
         ax.errorbar(g.n_train, g[metric], yerr=err, color=colours[arch], ls='--' if pre else '-', marker='o', ms=4,
                     capsize=2, label=f"{arch} ({'pretrained' if pre else 'scratch'})")
-    ticks = sorted(set(results.n_train.astype(int)))
+    ticks = sorted(set(results.n_train.astype(int)) | ({int(t) for t in ax.get_xticks()} if ax.get_xscale()=='log' else set())) # keep an earlier call's sizes
     ax.set_xscale('log'); ax.set_xticks(ticks, [f'{t:,}' for t in ticks]); ax.xaxis.set_minor_formatter(plt.NullFormatter()) # the sizes themselves, not 10^k
     ax.set_xlabel('training images'); ax.set_ylabel(metric.replace('_',' '))
     ax.grid(alpha=.3); ax.legend(fontsize=7, ncol=2)
@@ -395,12 +407,6 @@ def study_report(config, # config file, name in studies/, or dict
 
 # %% ../nbs/07d_study.ipynb #5751d6af
 PAPER_METRICS = ('accuracy', 'balanced_accuracy', 'cohen_kappa', 'error_rate', 'f1_macro', 'f1_weighted')
-
-def fmt_ci(m:dict, # a metric as `{value, ci_low, ci_high}`, e.g. `evaluate_probs(...)['accuracy']`
-          )->str:
-    "'0.912 [0.890, 0.931]' from a metric's {value, ci_low, ci_high}."
-    if m is None or m.get('value') is None: return 'n/a'
-    return f"{m['value']:.3f}" + (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m.get('ci_low') is not None else '')
 
 def compare_runs(run_dirs, # run folders, or a dict name -> run folder
                  metrics:tuple=PAPER_METRICS, # metrics of `evaluate_probs` to show
