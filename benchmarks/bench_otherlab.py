@@ -26,6 +26,7 @@ import numpy as np, pandas as pd
 from bloodcell_fastai.core import cpu_info, atomic_write, data_root
 from bloodcell_fastai.data import load_split, folder_items
 from bloodcell_fastai.metrics import evaluate_probs
+from bloodcell_fastai.study import fmt_ci
 from bloodcell_fastai.export import load_safe, default_model
 from bloodcell_fastai.inference import read_cells, predict_cells, decide, TTA_PASSES
 from _report import write_report
@@ -45,6 +46,7 @@ METHODS = { # name: (what it is, train options on top of TRAIN)
     'lite0_crop65_reinhard': ("Lite0 + cell crop at ratio 0.65 (tighter around the cell) + Reinhard", dict(LITE, cell_crop=0.65, colour='reinhard')),
     'lite0_crop_grey': ("Lite0 + cell crop 0.5 + greyscale input", dict(LITE, cell_crop=0.5, colour='grey')),
     'lite1_crop_reinhard': ("EfficientNet-Lite1 ImageNet + cell crop 0.5 + Reinhard (the architecture of `cli.PRETRAINED_RECIPE` and the shipped model)", dict(LITE, arch='efficientnet_lite1', cell_crop=0.5, colour='reinhard')),
+    'lite2_crop_reinhard': ("EfficientNet-Lite2 ImageNet + cell crop 0.5 + Reinhard (the next size up: does a larger pretrained model transfer further?)", dict(LITE, arch='efficientnet_lite2', cell_crop=0.5, colour='reinhard')),
     'lite1_crop_grey': ("EfficientNet-Lite1 ImageNet + cell crop 0.5 + greyscale input", dict(LITE, arch='efficientnet_lite1', cell_crop=0.5, colour='grey')),
     'lite0_bn_train': ("EfficientNet-Lite0 ImageNet, BatchNorm in training mode", dict(LITE, freeze_bn=False)),
     'lite0_grey': ("Lite0 + greyscale input (`--colour grey`)", dict(LITE, colour='grey')),
@@ -136,13 +138,16 @@ def full_scale(runs, root, n_boot=1000):
     "Full-scale run folders and the probability average of all of them: restricted accuracy on PBC test, JTSC and CellaVision-blog, plain and with TTA."
     from fastai.torch_core import set_seed
     from bloodcell_fastai.export import labelled_items, same_split
-    from bloodcell_fastai.ensemble import members_probs, member_classes
+    from bloodcell_fastai.ensemble import member_classes
+    from bloodcell_fastai.inference import prepare_items, predict_probs
     same_split(runs); classes = member_classes(runs) # one split and one class list, or a one-line error
     items = {'pbc_test': labelled_items(runs[0]), **{o: labelled_items(runs[0], root/'otherlab'/o, split=None) for o in ('jtsc', 'cellavision_blog')}}
-    out = {}
+    models, out = [load_safe(r) for r in runs], {}
+    def probs_of(model, meta, df, n_tta):
+        set_seed(0); return predict_probs(model, meta, prepare_items(df, meta, on_error='raise'), n_tta=n_tta) # seeded as `bloodcell evaluate --tta`
     for v, n_tta in (('plain', 0), ('tta', TTA_PASSES)):
         for s, df in items.items():
-            set_seed(0); probs = members_probs(runs, df, n_tta=n_tta) # seeded, as `bloodcell evaluate --tta`
+            probs = [probs_of(m, meta, df, n_tta) for m, meta in models]
             labels = df.label.astype(str).tolist(); shared = [c for c in classes if c in set(labels)]
             for name, p in [*zip(map(str, runs), probs), (' + '.join(map(str, runs)), np.mean(probs, 0))]:
                 out.setdefault(name, {}).setdefault(v, {})[s] = {'acc': evaluate_probs(p, labels, shared, model_classes=classes, n_boot=n_boot)['accuracy'], 'n': len(df)}
@@ -230,7 +235,7 @@ def report(res, out):
               f"TTA seeded as `bloodcell evaluate --tta`; PBC test: {fs['n_test']} images of the split every run shares.", '',
               '| run | variant | PBC test | JTSC | CellaVision-blog |', '|---|---|---|---|---|']
         for name, r in fs['runs'].items():
-            for v, e in r.items(): L.append(f"| {name} | {v} | {fmt(e['pbc_test'])} | {fmt(e['jtsc'])} | {fmt(e['cellavision_blog'])} |")
+            for v, e in r.items(): L.append(f"| {name} | {v} | " + ' | '.join(fmt_ci(e[s]['acc']) for s in ('pbc_test', 'jtsc', 'cellavision_blog')) + ' |')
     missing = [n for n in [*METHODS, *ENSEMBLES] if 'eval' not in rows.get(n, {})]
     if missing: L += ['', f"Not yet measured (the run stopped for time; `bench_otherlab.py` trains only what is missing): {', '.join(missing)}."]
     L += ['', '## Methods', '', 'Training minutes are wall-clock on the 2 cores, some while another job shared them: they are not a speed comparison (benchmarks/TIME_TO_ACCURACY.md is).', ''] + [f"- `{n}`: {METHODS[n][0] if n in METHODS else 'probability average of ' + ', '.join(ENSEMBLES[n])}"
