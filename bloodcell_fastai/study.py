@@ -16,13 +16,13 @@ from .inference import predict_probs, prepare_items
 from .metrics import mean_average_precision_at_n, mean_precision_at_n, encode_targets
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'STUDY_DEFAULTS', 'REPO_RAW', 'PAPER_METRICS', 'quick_mode', 'split_key', 'train_on_split', 'read_record',
-           'run_status', 'resumable', 'clear_run', 'ensure_run', 'StudyError', 'load_study_config', 'find_study_config',
-           'is_baseline', 'study_run_id', 'study_runs', 'study_items', 'study_splits', 'run_key', 'n_params',
-           'run_summary', 'read_results', 'run_study', 'study_results', 'fmt_ci', 'ci_column', 'study_table',
-           'plot_size_curve', 'study_report', 'compare_runs', 'per_class_table', 'run_test_probs', 'export_results',
-           'load_results', 'plot_learning_curves', 'plot_confusion_grid', 'rank_curves', 'plot_rank_curves',
-           'plot_roc_curves']
+__all__ = ['RUN_FILES', 'STUDY_DEFAULTS', 'REPO_RAW', 'PAPER_METRICS', 'RESULT_FILES', 'quick_mode', 'split_key',
+           'train_on_split', 'read_record', 'run_status', 'resumable', 'clear_run', 'ensure_run', 'StudyError',
+           'load_study_config', 'repo_file', 'find_study_config', 'is_baseline', 'study_run_id', 'study_runs',
+           'study_items', 'study_splits', 'run_key', 'n_params', 'run_summary', 'read_results', 'run_study',
+           'study_results', 'fmt_ci', 'ci_column', 'study_table', 'plot_size_curve', 'study_report', 'compare_runs',
+           'per_class_table', 'run_test_probs', 'export_results', 'load_results', 'plot_learning_curves',
+           'plot_confusion_grid', 'rank_curves', 'plot_rank_curves', 'plot_roc_curves']
 
 # %% ../nbs/07d_study.ipynb #121e6078
 def quick_mode()->bool:
@@ -157,21 +157,30 @@ def load_study_config(config, # a JSON file, a dict, or the name of a file in `s
     return cfg
 
 # %% ../nbs/07d_study.ipynb #7d0188f4
+def repo_file(rel:str|Path, # a path inside the repository, e.g. 'studies/results/ryba_2021_cpu/results.csv'
+             )->Path:
+    "A file of the repository: here, one level up (from `nbs/`), beside the package's source, else fetched from GitHub."
+    rel = Path(rel)
+    for d in (Path('.'), Path('..'), Path(__file__).resolve().parents[1] if '__file__' in globals() else None):
+        if d is not None and (d/rel).exists(): return d/rel
+    dest = cache_dir('repo')/rel # a pip install (Colab) has no studies/: fetch the file, keep the last copy for offline use
+    try:
+        from fastdownload import download_url
+        download_url(f'{REPO_RAW}/{rel.as_posix()}', dest, show_progress=False)
+    except Exception:
+        if dest.exists(): return dest
+        raise StudyError(f"{rel.as_posix()} is neither here, one level up, nor reachable at {REPO_RAW}/{rel.as_posix()}: run from a clone of the repository, or online") from None
+    return dest
+
 def find_study_config(name:str|Path, # a path, or a name such as 'arch_size'
                      )->Path:
     "A config file: the path itself, else `studies/NAME(.json)` here, one level up, or in the repository on GitHub."
     p = Path(name)
     if p.exists(): return p
-    fn = p.name if p.suffix=='.json' else f'{p.name}.json'
-    for d in (Path('studies'), Path('..')/'studies', Path(__file__).resolve().parents[1]/'studies' if '__file__' in globals() else None):
-        if d is not None and (d/fn).exists(): return d/fn
     if p.parent!=Path('.'): raise StudyError(f"Study config {p} not found")
-    dest = cache_dir('studies')/fn
-    try:
-        from fastdownload import download_url
-        download_url(f'{REPO_RAW}/studies/{fn}', dest, show_progress=False)
-    except Exception: raise StudyError(f"Study config {name!r} not found here, in studies/, or at {REPO_RAW}/studies/{fn}") from None
-    return dest
+    fn = p.name if p.suffix=='.json' else f'{p.name}.json'
+    try: return repo_file(Path('studies')/fn)
+    except StudyError: raise StudyError(f"Study config {name!r} not found here, in studies/, or at {REPO_RAW}/studies/{fn}") from None
 
 # %% ../nbs/07d_study.ipynb #fd1e441e
 def is_baseline(arch:str, # registry key or timm name
@@ -463,11 +472,14 @@ def export_results(config, # config file, name in studies/, or dict
             atomic_write(dest/'history.csv', hist.to_csv(index=False)),
             atomic_write(dest/'test_probs.csv.gz', gzip.compress(probs.round(4).to_csv(index=False).encode(), mtime=0))]
 
-def load_results(dest:Path|str, # a folder written by `export_results`
+RESULT_FILES = ('results.csv', 'history.csv', 'test_probs.csv.gz') # what `export_results` writes
+
+def load_results(dest:Path|str, # a folder written by `export_results`, or the name of one in the repository's `studies/results/`
                 )->tuple:
     "`(results, history, test_probs)` of an exported study."
-    dest = Path(dest)
-    return pd.read_csv(dest/'results.csv'), pd.read_csv(dest/'history.csv'), pd.read_csv(dest/'test_probs.csv.gz')
+    files = ([Path(dest)/f for f in RESULT_FILES] if Path(dest).is_dir() else
+             [repo_file(f'studies/results/{dest}/{f}') for f in RESULT_FILES]) # found in a clone, or fetched on Colab
+    return tuple(pd.read_csv(f) for f in files)
 
 # %% ../nbs/07d_study.ipynb #0d34d269
 def plot_learning_curves(history:pd.DataFrame, # from `load_results` (one row per epoch, `run_id`)

@@ -252,3 +252,17 @@ def test_test_probs_are_cached_until_the_model_changes(tmp_path, data_root):
     p2 = S.run_test_probs(d)
     assert not np.allclose(p1.iloc[:, 2:].values, p2.iloc[:, 2:].values)   # softer probabilities at T = 5
     S.clear_run(d); assert not d.exists()                                  # its cache is one of the run's files
+
+def test_load_results_fetches_from_the_repository(tmp_path, monkeypatch):
+    "A pip install (Colab) has no studies/: stored results come from the repository on GitHub, offline from the cached copy."
+    import bloodcell_fastai.study as st
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path); monkeypatch.setenv('BLOODCELL_CACHE', str(tmp_path/'cache'))
+    monkeypatch.setattr(st, '__file__', str(tmp_path/'site-packages'/'bloodcell_fastai'/'study.py')) # not beside a clone
+    monkeypatch.setattr(st, 'REPO_RAW', root.as_uri()) # this clone stands in for GitHub
+    res, hist, probs = st.load_results('ryba_2021_cpu')
+    assert (tmp_path/'cache'/'repo'/'studies'/'results'/'ryba_2021_cpu'/'test_probs.csv.gz').exists()
+    pd.testing.assert_frame_equal(res, pd.read_csv(root/'studies'/'results'/'ryba_2021_cpu'/'results.csv'))
+    monkeypatch.setattr(st, 'REPO_RAW', 'file:///nonexistent') # offline: the last copy
+    assert len(st.load_results('ryba_2021_cpu')[1]) == len(hist)
+    with pytest.raises(st.StudyError, match='run from a clone of the repository'): st.load_results('no_such_study')
