@@ -230,7 +230,7 @@ def report(res, out):
             if k != 'none': L.append(f"| {k} | {a['mean']:.3f} | {a['min']:.3f} | {a['max']:.3f} |")
     if res.get('full_scale'):
         fs = res['full_scale']
-        L += ['', '## Full scale: whole PBC half, `cli.PRETRAINED_RECIPE` (160 px, 9 epochs)', '',
+        L += ['', '## Full scale: run folders trained on the whole PBC half (the last `--full` invocation)', '',
               f"`{fs['command']}` ({fs['date']}, {fs['cpu']}). The last row averages the runs' probabilities. Restricted accuracy (95% bootstrap CI); "
               f"TTA seeded as `bloodcell evaluate --tta`; PBC test: {fs['n_test']} images of the split every run shares.", '',
               '| run | variant | PBC test | JTSC | CellaVision-blog |', '|---|---|---|---|---|']
@@ -257,6 +257,7 @@ def main():
     if root is None or not (root/'otherlab').exists(): sys.exit('set BLOODCELL_DATA to the data folder holding otherlab/, pbc/, cnmc/ and allidb2/')
     import torch
     if a.full:
+        if 'info' not in res: sys.exit(f"{fn} has no benchmark rows yet: run bench_otherlab.py without --full first")
         fr = full_scale([Path(r) for r in a.full], root, a.n_boot)
         res['full_scale'] = dict(command='BLOODCELL_DATA=../shared/data .venv/bin/python benchmarks/bench_otherlab.py --full ' + ' '.join(a.full),
                                  date=time.strftime('%Y-%m-%d'), cpu=cpu_info()['name'], runs=fr, n_test=next(iter(fr.values()))['plain']['pbc_test']['n'])
@@ -284,6 +285,7 @@ def main():
             if r not in probs_by_run and (runs/r/'otherlab_frames.pkl').exists(): probs_by_run[r], classes = pd.read_pickle(runs/r/'otherlab_frames.pkl')
         if all(r in probs_by_run for r in members) and (ens not in res['runs'] or set(members) & set(a.only)):
             res['runs'][ens] = {'eval': ensemble(probs_by_run, members, classes, a.n_boot)}
+            res['info']['invocations'][-1]['runs'].append(ens) # its row comes from this invocation
     if 'lite0' in a.only and 'min_images' not in res:
         with tempfile.TemporaryDirectory() as d: res['min_images'] = dict(run='lite0', acc=min_images(runs/'lite0', root, Path(d)))
     atomic_write(fn, json.dumps(res, indent=1)); report(res, out)

@@ -158,11 +158,13 @@ def load_study_config(config, # a JSON file, a dict, or the name of a file in `s
 
 # %% ../nbs/07d_study.ipynb #7d0188f4
 def repo_file(rel:str|Path, # a path inside the repository, e.g. 'studies/results/ryba_2021_cpu/results.csv'
-             )->Path:
+              fetch:bool=True, # fetch it from GitHub when it is not here (else `None`)
+             )->Path|None:
     "A file of the repository: here, one level up (from `nbs/`), beside the package's source, else fetched from GitHub."
     rel = Path(rel)
     for d in (Path('.'), Path('..'), Path(__file__).resolve().parents[1] if '__file__' in globals() else None):
         if d is not None and (d/rel).exists(): return d/rel
+    if not fetch: return None
     dest = cache_dir('repo')/rel # a pip install (Colab) has no studies/: fetch the file, keep the last copy for offline use
     try:
         from fastdownload import download_url
@@ -177,8 +179,9 @@ def find_study_config(name:str|Path, # a path, or a name such as 'arch_size'
     "A config file: the path itself, else `studies/NAME(.json)` here, one level up, or in the repository on GitHub."
     p = Path(name)
     if p.exists(): return p
-    if p.parent!=Path('.'): raise StudyError(f"Study config {p} not found")
     fn = p.name if p.suffix=='.json' else f'{p.name}.json'
+    if (here := repo_file(Path('studies')/fn, fetch=False)): return here
+    if p.parent!=Path('.'): raise StudyError(f"Study config {p} not found")
     try: return repo_file(Path('studies')/fn)
     except StudyError: raise StudyError(f"Study config {name!r} not found here, in studies/, or at {REPO_RAW}/studies/{fn}") from None
 
@@ -392,7 +395,8 @@ def plot_size_curve(results:pd.DataFrame, # from `study_results`
         if f'{metric}_low' in g: err = np.clip(np.stack([g[metric]-g[f'{metric}_low'], g[f'{metric}_high']-g[metric]]), 0, None)
         ax.errorbar(g.n_train, g[metric], yerr=err, color=colours[arch], ls='--' if pre else '-', marker='o', ms=4,
                     capsize=2, label=f"{arch} ({'pretrained' if pre else 'scratch'})")
-    ticks = sorted(set(results.n_train.astype(int)) | ({int(t) for t in ax.get_xticks()} if ax.get_xscale()=='log' else set())) # keep an earlier call's sizes
+    earlier = ax.get_xticks() if isinstance(ax.xaxis.get_major_locator(), plt.FixedLocator) else [] # an earlier call's sizes
+    ticks = sorted(set(results.n_train.astype(int)) | {int(t) for t in earlier if t > 0})
     ax.set_xscale('log'); ax.set_xticks(ticks, [f'{t:,}' for t in ticks]); ax.xaxis.set_minor_formatter(plt.NullFormatter()) # the sizes themselves, not 10^k
     ax.set_xlabel('training images'); ax.set_ylabel(metric.replace('_',' '))
     ax.grid(alpha=.3); ax.legend(fontsize=7, ncol=2)
@@ -477,8 +481,9 @@ RESULT_FILES = ('results.csv', 'history.csv', 'test_probs.csv.gz') # what `expor
 def load_results(dest:Path|str, # a folder written by `export_results`, or the name of one in the repository's `studies/results/`
                 )->tuple:
     "`(results, history, test_probs)` of an exported study."
+    if not Path(dest).is_dir() and Path(dest).parent!=Path('.'): raise StudyError(f"{dest} is not a folder of exported study results")
     files = ([Path(dest)/f for f in RESULT_FILES] if Path(dest).is_dir() else
-             [repo_file(f'studies/results/{dest}/{f}') for f in RESULT_FILES]) # found in a clone, or fetched on Colab
+             [repo_file(f'studies/results/{dest}/{f}') for f in RESULT_FILES]) # a name: found in a clone, or fetched on Colab
     return tuple(pd.read_csv(f) for f in files)
 
 # %% ../nbs/07d_study.ipynb #0d34d269
