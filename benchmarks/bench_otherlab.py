@@ -138,7 +138,7 @@ def full_scale(runs, root, n_boot=1000):
     "Full-scale run folders and the probability average of all of them: restricted accuracy on PBC test, JTSC and CellaVision-blog, plain and with TTA."
     from fastai.torch_core import set_seed
     from bloodcell_fastai.export import labelled_items, same_split
-    from bloodcell_fastai.ensemble import member_classes
+    from bloodcell_fastai.ensemble import member_classes, average_probs
     from bloodcell_fastai.inference import prepare_items, predict_probs
     same_split(runs); classes = member_classes(runs) # one split and one class list, or a one-line error
     items = {'pbc_test': labelled_items(runs[0]), **{o: labelled_items(runs[0], root/'otherlab'/o, split=None) for o in ('jtsc', 'cellavision_blog')}}
@@ -149,7 +149,7 @@ def full_scale(runs, root, n_boot=1000):
         for s, df in items.items():
             probs = [probs_of(m, meta, df, n_tta) for m, meta in models]
             labels = df.label.astype(str).tolist(); shared = [c for c in classes if c in set(labels)]
-            for name, p in [*zip(map(str, runs), probs), (' + '.join(map(str, runs)), np.mean(probs, 0))]:
+            for name, p in [*zip(map(str, runs), probs), (' + '.join(map(str, runs)), average_probs(probs))]:
                 out.setdefault(name, {}).setdefault(v, {})[s] = {'acc': evaluate_probs(p, labels, shared, model_classes=classes, n_boot=n_boot)['accuracy'], 'n': len(df)}
     return out
 

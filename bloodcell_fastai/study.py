@@ -481,9 +481,10 @@ RESULT_FILES = ('results.csv', 'history.csv', 'test_probs.csv.gz') # what `expor
 def load_results(dest:Path|str, # a folder written by `export_results`, or the name of one in the repository's `studies/results/`
                 )->tuple:
     "`(results, history, test_probs)` of an exported study."
-    if not Path(dest).is_dir() and Path(dest).parent!=Path('.'): raise StudyError(f"{dest} is not a folder of exported study results")
-    files = ([Path(dest)/f for f in RESULT_FILES] if Path(dest).is_dir() else
-             [repo_file(f'studies/results/{dest}/{f}') for f in RESULT_FILES]) # a name: found in a clone, or fetched on Colab
+    d = Path(dest)
+    if d.is_dir(): files = [d/f for f in RESULT_FILES]
+    elif d.parent!=Path('.'): raise StudyError(f"{dest} is not a folder of exported study results")
+    else: files = [repo_file(f'studies/results/{dest}/{f}') for f in RESULT_FILES] # a name: found in a clone, or fetched on Colab
     return tuple(pd.read_csv(f) for f in files)
 
 # %% ../nbs/07d_study.ipynb #0d34d269
